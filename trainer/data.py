@@ -1,0 +1,743 @@
+"""Streaming cached latents from a latent store (``schemas/store_v1.py``) into the trainer.
+
+The order of samples is a pure function of (seed, epoch, the store's valid mask, block size):
+
+- **Epoch sequence.** :func:`epoch_sequence`: permute the chunks that hold at least one valid
+  sample, group consecutive chunks of that permutation into blocks of ``block_chunks``, shuffle the
+  valid samples inside each block, concatenate: V positions (V = number of valid samples). Each
+  chunk gets one orientation per epoch (a seeded coin; ``latents`` or ``latents_flip``), so a chunk
+  is read from one array only and every image still gets a fair random orientation each epoch.
+- **Streams.** The epoch sequence is cut into P = ``num_streams`` contiguous segments (the first
+  V % P get one more position). Stream p is the endless concatenation of its segment over epochs
+  0, 1, 2... Global step k's batch (global batch B, B % P == 0) is stream p's positions
+  [k B/P, (k+1) B/P) for p = 0..P-1, concatenated. Rank r of W (P % W == 0) serves the streams with
+  p % W == r, so the global batch does not depend on W for a fixed P.
+- **Remainder.** Nothing is dropped or padded: a batch that reaches the end of a stream's segment
+  continues with the start of that stream's next epoch. Each stream serves each sample of its
+  segment once per stream epoch; the global ``epoch`` (samples_seen / V) is fractional.
+- **Position.** The whole position is ``samples_seen`` (= steps * B): every stream's epoch and
+  offset follow from it, so resuming with the same P and B gives exactly the batches of an
+  uninterrupted run, and with another W (dividing P) too. A W that does not divide the saved P
+  starts a new partition P' = W at the same samples_seen (see :meth:`LatentLoader.load_state_dict`).
+
+Reading: a map-style dataset whose items are whole chunks ``(chunk, orientation)``; a DataLoader
+with workers (each opens its own store client) reads them in the order this rank will consume
+them; the main process keeps at most one block per stream, assembles local batches (in a
+background thread, ``prefetch_batches`` ahead), into pinned memory when the device is CUDA.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import logging
+import os
+import pickle
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from pipeline import uri as U
+from pipeline.store import LatentStore, StoreError
+from schemas import store_v1 as S
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+_RNG_TAG = 0x4C4F4144  # mixed into every seed so the loader's stream differs from other users of `seed`
+_EPOCH_CACHE = 4  # epoch plans kept (streams and the read-ahead can be an epoch apart)
+
+
+@dataclass
+class LoaderConfig:
+    """Streaming loader settings.
+
+    global_batch: samples per optimizer step over all ranks (must divide by num_streams and world size).
+    num_workers: DataLoader worker processes per rank reading chunks (0: read in-process).
+    block_chunks: chunks whose samples are shuffled together; the per-stream memory bound.
+    prefetch_factor: chunk reads queued per worker.
+    num_streams: P, the fixed partition of each epoch (None: the world size of the first run).
+        Runs with the same P and global batch see the same global batches whatever the world size.
+    seed: seeds the chunk permutation, block shuffles and orientations of every epoch.
+    prefetch_batches: local batches assembled ahead in a background thread (0: in the consumer).
+    """
+
+    global_batch: int = 1024
+    num_workers: int = 2
+    block_chunks: int = 16
+    prefetch_factor: int = 2
+    num_streams: int | None = None
+    seed: int = 0
+    prefetch_batches: int = 1
+
+
+# --------------------------------------------------------------------------------------------
+# statistics
+
+
+def _stats_array(value, uri: str, key: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().float().numpy()
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"statistics file {uri}: {key!r} is not a numeric array ({type(value).__name__})") from None
+    while arr.ndim > 3 and arr.shape[0] == 1:  # tolerate a saved leading batch dim [1, C, H, W]
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"statistics file {uri}: {key!r} has shape {list(arr.shape)}, expected [C, H, W]")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"statistics file {uri}: {key!r} holds non-finite values")
+    if key == "var" and (arr < 0).any():
+        raise ValueError(f"statistics file {uri}: 'var' holds negative values")
+    return arr
+
+
+def load_stats_file(uri: str, storage_options: dict | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(mean, var) float64 [C, H, W] from a statistics file; either may be None (absent).
+
+    Formats by extension: ``.safetensors`` and ``.npz`` (arrays named ``mean`` / ``var``); anything
+    else is read as the reference's ``stat.pt``: a dict with optional ``"mean"`` / ``"var"`` tensors,
+    loaded with ``torch.load(weights_only=True)``.
+    """
+    try:
+        data = U.read_bytes(uri, storage_options)
+    except FileNotFoundError:
+        raise ValueError(f"statistics file {uri} does not exist") from None
+    name = str(uri).lower()
+    try:
+        if name.endswith(".safetensors"):
+            import safetensors.numpy
+
+            entries = safetensors.numpy.load(data)
+        elif name.endswith(".npz"):
+            with np.load(io.BytesIO(data)) as z:
+                entries = {k: z[k] for k in z.files}
+        else:
+            entries = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except ValueError:
+        raise
+    except Exception as e:  # torch/safetensors/numpy each raise their own types for unreadable files
+        raise ValueError(f"statistics file {uri} is unreadable: {type(e).__name__}: {e}") from e
+    if not isinstance(entries, dict):
+        raise ValueError(f"statistics file {uri} holds a {type(entries).__name__}, expected a dict with 'mean'/'var'")
+    mean = _stats_array(entries.get("mean"), uri, "mean")
+    var = _stats_array(entries.get("var"), uri, "var")
+    if mean is None and var is None:
+        raise ValueError(f"statistics file {uri} holds neither 'mean' nor 'var' (keys: {sorted(entries)[:10]})")
+    if mean is not None and var is not None and mean.shape != var.shape:
+        raise ValueError(f"statistics file {uri}: 'mean' {list(mean.shape)} and 'var' {list(var.shape)} differ in shape")
+    return mean, var
+
+
+class LatentNormalizer:
+    """z_norm = (z - mean) / sqrt(var + eps), per element of [C, H, W]; absent mean = 0, absent var = 1.
+
+    Computed in float32 in the reference's order of operations. ``source`` says where the
+    statistics came from ("store", "file:<uri>", ...); it names them in error messages.
+    """
+
+    def __init__(self, mean=None, var=None, eps: float = S.STATS_EPS, *, source: str = "given"):
+        def tensor(a):
+            return None if a is None else torch.as_tensor(np.asarray(a), dtype=torch.float32).clone()
+
+        self.mean, self.var, self.eps, self.source = tensor(mean), tensor(var), float(eps), source
+        if self.mean is not None and self.var is not None and self.mean.shape != self.var.shape:
+            raise ValueError(
+                f"statistics from {source}: mean {list(self.mean.shape)} and var {list(self.var.shape)} differ"
+            )
+        one = torch.ones((), dtype=torch.float32)
+        self._shift = self.mean if self.mean is not None else torch.zeros((), dtype=torch.float32)
+        self._scale = torch.sqrt((self.var if self.var is not None else one) + self.eps)
+
+    @classmethod
+    def from_store(cls, store: LatentStore) -> "LatentNormalizer":
+        mean, var = store.stats()
+        return cls(mean, var, eps=store.spec["statistics"].get("eps", S.STATS_EPS), source="store")
+
+    @classmethod
+    def from_file(cls, uri: str, storage_options: dict | None = None, eps: float = S.STATS_EPS) -> "LatentNormalizer":
+        mean, var = load_stats_file(uri, storage_options)
+        return cls(mean, var, eps=eps, source=f"file:{uri}")
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        t = self.mean if self.mean is not None else self.var
+        return None if t is None else tuple(t.shape)
+
+    def check_shape(self, latent_shape: tuple[int, int, int]) -> None:
+        """ValueError naming the source and key when the statistics do not fit the latents."""
+        for key, t in (("mean", self.mean), ("var", self.var)):
+            if t is not None and tuple(t.shape) != tuple(latent_shape):
+                raise ValueError(
+                    f"statistics from {self.source}: {key!r} has shape {list(t.shape)}, "
+                    f"the store's latents are {list(latent_shape)}"
+                )
+
+    def _on(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._scale.device != z.device:
+            self.to(z.device)
+        return self._shift, self._scale
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """z: float [..., C, H, W] -> same shape."""
+        shift, scale = self._on(z)
+        return (z - shift) / scale
+
+    def normalize_(self, z: torch.Tensor) -> torch.Tensor:
+        """In place; same values as :meth:`normalize`."""
+        shift, scale = self._on(z)
+        return z.sub_(shift).div_(scale)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        shift, scale = self._on(z)
+        return z * scale + shift
+
+    def to(self, device) -> "LatentNormalizer":
+        self._shift, self._scale = self._shift.to(device), self._scale.to(device)
+        return self
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """The present statistics as float32 CPU tensors ({"mean"?, "var"?}), the reference `stat.pt` layout."""
+        return {k: t.clone() for k, t in (("mean", self.mean), ("var", self.var)) if t is not None}
+
+    def describe(self) -> dict:
+        """For checkpoint metadata: {"mean": bool, "var": bool, "source": str}."""
+        return {"mean": self.mean is not None, "var": self.var is not None, "source": self.source}
+
+
+# --------------------------------------------------------------------------------------------
+# the order: epoch plans, streams, units
+
+
+@dataclass(frozen=True)
+class _EpochPlan:
+    seq: np.ndarray  # int64 [V] sample indices in epoch order
+    flip: np.ndarray  # bool [num_chunks] read latents_flip for this chunk this epoch
+    block_ends: np.ndarray  # int64 [num_blocks] end position of each block in seq
+
+
+def _rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.default_rng([_RNG_TAG, int(seed), int(epoch)])
+
+
+def _plan_epoch(valid: np.ndarray, samples_per_chunk: int, block_chunks: int, seed: int, epoch: int,
+                flips: bool = True) -> _EpochPlan:
+    valid = np.asarray(valid, dtype=bool)
+    n = len(valid)
+    num_chunks = -(-n // samples_per_chunk)
+    chunk_of = np.arange(n) // samples_per_chunk
+    per_chunk = np.bincount(chunk_of[valid], minlength=num_chunks)
+    rng = _rng(seed, epoch)
+    order = rng.permutation(np.flatnonzero(per_chunk))  # chunks with >= 1 valid sample
+    flip = rng.random(num_chunks) < 0.5
+    if not flips:
+        flip[:] = False
+    block_of_chunk = np.full(num_chunks, -1, dtype=np.int64)
+    block_of_chunk[order] = np.arange(len(order)) // block_chunks
+    samples = np.flatnonzero(valid)
+    # Sort by (block, random rank): a uniform shuffle inside every block, blocks in permuted order.
+    # The keys are unique, so every sort algorithm (numpy picks one per CPU) gives the same order.
+    keys = block_of_chunk[chunk_of[samples]] * len(samples) + rng.permutation(len(samples))
+    seq = samples[np.argsort(keys)]
+    block_sizes = np.bincount(block_of_chunk[order], weights=per_chunk[order]).astype(np.int64)
+    return _EpochPlan(seq.astype(np.int64), flip, np.cumsum(block_sizes))
+
+
+def epoch_sequence(valid, samples_per_chunk: int, block_chunks: int, seed: int, epoch: int, *,
+                   flips: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The global order of epoch ``epoch``: (sample indices int64 [V], orientation bool [num_chunks]).
+
+    valid: bool [N] (the store's mask). Orientation True = read ``latents_flip`` for every sample of
+    that chunk this epoch (all False when ``flips`` is False: stores without flipped latents).
+    """
+    p = _plan_epoch(valid, samples_per_chunk, block_chunks, seed, epoch, flips)
+    return p.seq, p.flip
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Consecutive positions [lo, hi) of one stream inside one block of one epoch: one load."""
+
+    stream: int
+    epoch: int
+    lo: int
+    hi: int
+    samples: np.ndarray  # int64 [hi - lo] in serving order
+    chunks: np.ndarray  # int64, ascending: the chunks holding them
+    flips: np.ndarray  # bool, per chunk
+
+
+class _Order:
+    """The stream partition of every epoch and each rank's load schedule. Pure; thread-safe."""
+
+    def __init__(self, valid, samples_per_chunk, block_chunks, seed, flips, num_streams, origin):
+        self.valid = np.asarray(valid, dtype=bool)
+        self.spc, self.block_chunks, self.seed, self.flips = samples_per_chunk, block_chunks, seed, flips
+        self.V = int(self.valid.sum())
+        self.P = num_streams
+        self.origin = origin  # samples_seen at which this partition began
+        base, extra = divmod(self.V, self.P)
+        self.starts = [p * base + min(p, extra) for p in range(self.P)]
+        self.lengths = [base + (p < extra) for p in range(self.P)]
+        e0, o0 = divmod(origin, self.V)
+        self.epoch0 = e0
+        # A partition begun mid-epoch starts every stream at the same fraction of its segment.
+        self.first = [(o0 * length) // self.V for length in self.lengths]
+        self._plans: collections.OrderedDict[int, _EpochPlan] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def plan(self, epoch: int) -> _EpochPlan:
+        with self._lock:
+            if epoch in self._plans:
+                self._plans.move_to_end(epoch)
+                return self._plans[epoch]
+        plan = _plan_epoch(self.valid, self.spc, self.block_chunks, self.seed, epoch, self.flips)
+        with self._lock:
+            self._plans[epoch] = plan
+            while len(self._plans) > _EPOCH_CACHE:
+                self._plans.popitem(last=False)
+        return plan
+
+    def stream_position(self, samples_seen: int) -> int:
+        """Positions every stream has served at ``samples_seen`` (counted from this partition's origin)."""
+        return (samples_seen - self.origin) // self.P
+
+    def units(self, p: int, j: int) -> Iterator[_Unit]:
+        """Stream p's loads from its position j on, forever."""
+        start, length = self.starts[p], self.lengths[p]
+        t = self.first[p] + j
+        while True:
+            epoch, r = self.epoch0 + t // length, t % length
+            plan = self.plan(epoch)
+            lo = start + r
+            block = int(np.searchsorted(plan.block_ends, lo, side="right"))
+            hi = min(int(plan.block_ends[block]), start + length)
+            samples = plan.seq[lo:hi]
+            chunks = np.unique(samples // self.spc)
+            yield _Unit(p, epoch, lo, hi, samples, chunks, plan.flip[chunks])
+            t += hi - lo
+
+    def schedule(self, streams: list[int], j0: int, per_stream: int) -> Iterator[_Unit]:
+        """The loads of a rank serving ``streams`` from position j0, in the order it consumes them:
+        step by step, stream by stream, a unit as soon as the step needs its first position."""
+        its = {p: self.units(p, j0) for p in streams}
+        nxt = dict.fromkeys(streams, j0)
+        end = j0
+        while True:
+            end += per_stream
+            for p in streams:
+                while nxt[p] < end:
+                    u = next(its[p])
+                    nxt[p] += u.hi - u.lo
+                    yield u
+
+
+# --------------------------------------------------------------------------------------------
+# reading chunks (in DataLoader workers)
+
+
+class ChunkReads(Dataset):
+    """Items are whole chunk reads: ``(chunk, flip)`` -> (chunk, flip, latents float32 [k, C, H, W],
+    labels int64 [k], valid bool [k]). Each process reads through its own store client."""
+
+    def __init__(self, store: LatentStore):
+        self.store = store
+        self._pid = os.getpid()
+        self._labels, self._valid = store.labels(), store.valid()  # whole-store arrays, converted once
+
+    def _store(self) -> LatentStore:
+        if self._pid != os.getpid():
+            # A forked worker inherits the parent's clients (zarr, s3fs sessions): open fresh ones.
+            self.store = pickle.loads(pickle.dumps(self.store))
+            self._pid = os.getpid()
+        return self.store
+
+    def __len__(self) -> int:
+        return self.store.num_chunks
+
+    def __getitem__(self, item: tuple[int, bool]):
+        chunk, flip = int(item[0]), bool(item[1])
+        store = self._store()
+        latents = store.read_chunk(chunk, S.LATENTS_FLIP if flip else S.LATENTS)
+        a, b = store.chunk_bounds(chunk)
+        return (chunk, flip, torch.from_numpy(latents), torch.from_numpy(self._labels[a:b].copy()),
+                torch.from_numpy(self._valid[a:b].copy()))
+
+
+class _ReadOrder(Sampler):
+    """The lazily generated chunk reads of this rank from the loader's position at iteration start."""
+
+    def __init__(self, loader: "LatentLoader"):
+        self.loader = loader
+
+    def __iter__(self):
+        for u in self.loader._schedule():
+            for c, f in zip(u.chunks.tolist(), u.flips.tolist()):
+                yield (c, f)
+
+
+# --------------------------------------------------------------------------------------------
+# assembling batches (main process)
+
+
+class _Cursor:
+    """The unit one stream is serving from: its chunks stacked, and the rows in serving order."""
+
+    def __init__(self):
+        self.latents = self.labels = self.rows = None
+        self.pos = self.num_chunks = 0
+
+    @property
+    def remaining(self) -> int:
+        return 0 if self.rows is None else len(self.rows) - self.pos
+
+    def load(self, unit: _Unit, items: list, samples_per_chunk: int) -> None:
+        for (chunk, flip, *_), want, want_flip in zip(items, unit.chunks.tolist(), unit.flips.tolist()):
+            if chunk != want or flip != want_flip:
+                raise RuntimeError(f"chunk reads out of order: got {(chunk, flip)}, expected {(want, want_flip)}")
+        sizes = np.array([len(it[2]) for it in items])
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        rows = base[np.searchsorted(unit.chunks, unit.samples // samples_per_chunk)] + unit.samples % samples_per_chunk
+        valid = torch.cat([it[4] for it in items])
+        self.rows = torch.from_numpy(rows.astype(np.int64))
+        if not bool(valid[self.rows].all()):
+            raise StoreError(f"chunks {unit.chunks.tolist()} returned invalid rows the valid mask calls valid")
+        self.latents = torch.cat([it[2] for it in items]) if len(items) > 1 else items[0][2]
+        self.labels = torch.cat([it[3] for it in items])
+        self.pos, self.num_chunks = 0, len(items)
+
+    def take(self, n: int, x_out: torch.Tensor, y_out: torch.Tensor) -> None:
+        rows = self.rows[self.pos:self.pos + n]
+        torch.index_select(self.latents, 0, rows, out=x_out)
+        torch.index_select(self.labels, 0, rows, out=y_out)
+        self.pos += n
+
+    def release(self) -> int:
+        held, self.num_chunks = self.num_chunks, 0
+        self.latents = self.labels = self.rows = None
+        self.pos = 0
+        return held
+
+
+class _Prefetcher:
+    """Runs a batch generator in a daemon thread, ``depth`` batches ahead; re-raises its errors."""
+
+    _DONE = object()
+
+    def __init__(self, batches: Iterator, depth: int, device: torch.device):
+        self._batches, self._queue, self._device = batches, queue.Queue(maxsize=depth), device
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="latent-loader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            if self._device.type == "cuda":
+                # Pinned buffers are allocated in this thread: on the rank's GPU, not a context on GPU 0.
+                torch.cuda.set_device(self._device)
+            for item in self._batches:
+                if not self._put(("ok", item)):
+                    return
+        except BaseException as e:  # forwarded to the consumer, which re-raises it
+            self._put(("error", e))
+        finally:
+            self._batches.close()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self):
+        while True:
+            if self._stop.is_set():
+                raise RuntimeError("this loader iterator was closed (a newer iteration or close() replaced it)")
+            try:
+                kind, item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the latent loader thread stopped without a batch") from None
+                continue
+            if kind == "error":
+                raise item
+            return item
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        if self._thread.is_alive():
+            log.warning("latent loader thread did not stop within 60 s")
+
+
+class _Inline:
+    def __init__(self, batches: Iterator):
+        self._batches = batches
+
+    def get(self):
+        return next(self._batches)
+
+    def stop(self) -> None:
+        self._batches.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the loader
+
+
+class LatentLoader:
+    """Endless (x float32 [B/W, C, H, W] normalized, y int64 [B/W]) batches of one rank, on ``device``.
+
+    ``samples_seen`` counts samples over all ranks (steps * global batch) and is the whole position:
+    ``state_dict()`` / ``load_state_dict()`` carry it through checkpoints. ``last_wait_s`` is how long
+    the consumer waited for the last batch (``total_wait_s`` the sum), for the data-wait fraction.
+    ``max_chunks_held`` is the most chunks the assembler held at once (<= block_chunks per stream).
+    """
+
+    def __init__(self, store: LatentStore | str, cfg: LoaderConfig, *, rank: int = 0, world_size: int = 1,
+                 device="cpu", normalizer: LatentNormalizer | None = None, storage_options: dict | None = None):
+        self.store = store if isinstance(store, LatentStore) else LatentStore.open(store, storage_options)
+        self.cfg = cfg
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self._check_config()
+        self.num_valid = int(self.store.valid().sum())
+        if self.num_valid == 0:
+            raise ValueError(f"store {self.store.uri} has no valid samples")
+        self.normalizer = normalizer if normalizer is not None else LatentNormalizer.from_store(self.store)
+        self.normalizer.check_shape(self.store.latent_shape)
+        num_streams = cfg.num_streams if cfg.num_streams is not None else self.world_size
+        self._check_streams(num_streams, "loader.num_streams")
+        self.seed, self.block_chunks = cfg.seed, cfg.block_chunks
+        self._order = self._make_order(num_streams, origin=0)
+        self.samples_seen = 0
+        self.last_wait_s = self.total_wait_s = 0.0
+        self.chunks_held = self.max_chunks_held = 0
+        self._on_host = self.device.type == "cpu"  # else: move each batch, normalize it there
+        self._pin = self.device.type == "cuda"
+        self._dataloader: DataLoader | None = None
+        self._active = None
+        self._iter_start = 0
+
+    # -- checks and facts
+    def _check_config(self) -> None:
+        c, w = self.cfg, self.world_size
+        if w < 1 or not 0 <= self.rank < w:
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={w})")
+        for name, low in (("global_batch", 1), ("block_chunks", 1), ("num_workers", 0), ("prefetch_factor", 1),
+                          ("prefetch_batches", 0), ("seed", 0)):
+            if getattr(c, name) < low:
+                raise ValueError(f"loader.{name} must be >= {low}, got {getattr(c, name)}")
+        if c.global_batch % w:
+            raise ValueError(f"loader.global_batch {c.global_batch} is not divisible by the world size {w}")
+
+    def _check_streams(self, p: int, what: str) -> None:
+        if p < 1:
+            raise ValueError(f"{what} must be >= 1, got {p}")
+        if p % self.world_size:
+            raise ValueError(f"{what} {p} is not a multiple of the world size {self.world_size}")
+        if self.cfg.global_batch % p:
+            raise ValueError(f"loader.global_batch {self.cfg.global_batch} is not divisible by {what} {p}")
+        if p > self.num_valid:
+            raise ValueError(f"{what} {p} exceeds the store's {self.num_valid} valid samples")
+
+    def _make_order(self, num_streams: int, origin: int) -> _Order:
+        return _Order(self.store.valid(), self.store.samples_per_chunk, self.block_chunks, self.seed,
+                      self.store.has_flips, num_streams, origin)
+
+    @property
+    def num_streams(self) -> int:
+        return self._order.P
+
+    @property
+    def streams(self) -> list[int]:
+        """The streams this rank serves, in batch order."""
+        return list(range(self.rank, self.num_streams, self.world_size))
+
+    @property
+    def global_rows(self) -> torch.Tensor:
+        """int64 [B/W]: the rows of the global batch (its world-size-1 order) this rank serves, e.g. to
+        draw per-sample noise for the whole global batch from one generator and keep these rows."""
+        b = self.cfg.global_batch // self.num_streams
+        return torch.cat([torch.arange(p * b, (p + 1) * b) for p in self.streams])
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.global_batch // self.world_size
+
+    @property
+    def steps_per_epoch(self) -> float:
+        return self.num_valid / self.cfg.global_batch
+
+    @property
+    def epoch(self) -> float:
+        return self.samples_seen / self.num_valid
+
+    # -- position
+    def state_dict(self) -> dict:
+        """JSON-safe position: every value an int or str."""
+        return {
+            "version": STATE_VERSION,
+            "samples_seen": int(self.samples_seen),
+            "num_streams": int(self.num_streams),
+            "global_batch": int(self.cfg.global_batch),
+            "seed": int(self.seed),
+            "block_chunks": int(self.block_chunks),
+            "num_valid": int(self.num_valid),
+            "store_id": self.store.store_id,
+            "partition_origin": int(self._order.origin),
+        }
+
+    def load_state_dict(self, d: dict) -> None:
+        """Continue from a saved position. The saved seed, block size and streams win over the config.
+
+        Same streams P, world size dividing P and global batch divisible by P: the next batches are
+        exactly those of an uninterrupted run (with another global batch: the same sample sequence,
+        cut differently). A world size that does not divide P: a new partition P' = W begins at the
+        same samples_seen, each new stream starting at the same fraction of its segment of that
+        epoch; that epoch may then serve some samples twice and others not at all; whole epochs
+        after it serve each sample once again.
+        """
+        missing = {"samples_seen", "num_streams", "global_batch", "seed", "num_valid", "store_id"} - set(d)
+        if missing:
+            raise ValueError(f"loader state lacks {sorted(missing)}")
+        if d["store_id"] != self.store.store_id:
+            raise ValueError(f"loader state belongs to store {d['store_id']}, this store is {self.store.store_id}")
+        if int(d["num_valid"]) != self.num_valid:
+            raise ValueError(f"loader state counts {d['num_valid']} valid samples, the store has {self.num_valid}")
+        samples, p, origin = int(d["samples_seen"]), int(d["num_streams"]), int(d.get("partition_origin", 0))
+        if samples < origin or (samples - origin) % p:
+            raise ValueError(f"loader state: samples_seen {samples} is not a position of {p} streams from {origin}")
+        seed, block = int(d["seed"]), int(d.get("block_chunks", self.cfg.block_chunks))
+        B = self.cfg.global_batch
+        if p % self.world_size or B % p:
+            log.warning(
+                "loader: %d streams do not fit world size %d and global batch %d: repartitioning into %d streams "
+                "at sample %d (epoch %.3f); batches differ from an uninterrupted run",
+                p, self.world_size, B, self.world_size, samples, samples / self.num_valid,
+            )
+            p, origin = self.world_size, samples
+            self._check_streams(p, "the new stream count (world size)")
+        else:
+            if int(d["global_batch"]) != B:
+                log.warning("loader: global batch %d (saved %d): same sample sequence, batches cut differently",
+                            B, d["global_batch"])
+            if self.cfg.num_streams is not None and self.cfg.num_streams != p:
+                log.warning("loader.num_streams=%d ignored: the saved position uses %d streams", self.cfg.num_streams, p)
+        if seed != self.cfg.seed or block != self.cfg.block_chunks:
+            log.warning("loader: continuing with the saved seed %d and block_chunks %d", seed, block)
+        self._stop_active()
+        self.seed, self.block_chunks = seed, block
+        self._order = self._make_order(p, origin)
+        self.samples_seen = samples
+
+    # -- iteration
+    def _schedule(self) -> Iterator[_Unit]:
+        o = self._order
+        return o.schedule(self.streams, o.stream_position(self._iter_start), self.cfg.global_batch // o.P)
+
+    def _reads(self) -> Iterator:
+        if self._dataloader is None:
+            w = self.cfg.num_workers
+            self._dataloader = DataLoader(
+                ChunkReads(self.store),
+                batch_size=None,
+                sampler=_ReadOrder(self),
+                num_workers=w,
+                prefetch_factor=self.cfg.prefetch_factor if w > 0 else None,
+                persistent_workers=w > 0,
+            )
+        return iter(self._dataloader)
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Host batches (normalized when the device is the CPU) from ``_iter_start`` on."""
+        schedule, reads = self._schedule(), self._reads()
+        cursors = {p: _Cursor() for p in self.streams}
+        per_stream, spc = self.cfg.global_batch // self.num_streams, self.store.samples_per_chunk
+        shape = (self.local_batch,) + tuple(self.store.latent_shape)
+        while True:
+            x = torch.empty(shape, dtype=torch.float32, pin_memory=self._pin)
+            y = torch.empty(self.local_batch, dtype=torch.int64, pin_memory=self._pin)
+            dst = 0
+            for p, cur in cursors.items():
+                need = per_stream
+                while need:
+                    if cur.remaining == 0:
+                        unit = next(schedule)
+                        if unit.stream != p:
+                            raise RuntimeError(f"load schedule out of step: stream {unit.stream}, expected {p}")
+                        cur.load(unit, [next(reads) for _ in range(len(unit.chunks))], spc)
+                        self.chunks_held += cur.num_chunks
+                        self.max_chunks_held = max(self.max_chunks_held, self.chunks_held)
+                    m = min(need, cur.remaining)
+                    cur.take(m, x[dst:dst + m], y[dst:dst + m])
+                    dst, need = dst + m, need - m
+                    if cur.remaining == 0:
+                        self.chunks_held -= cur.release()
+            if self._on_host:
+                self.normalizer.normalize_(x)
+            yield x, y
+
+    def _stop_active(self) -> None:
+        if self._active is not None:
+            self._active.stop()
+            self._active = None
+        self.chunks_held = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self._stop_active()
+        self._iter_start = self.samples_seen
+        batches = self._batches()
+        depth = self.cfg.prefetch_batches
+        source = _Prefetcher(batches, depth, self.device) if depth else _Inline(batches)
+        self._active = source
+        return self._serve(source)
+
+    def _serve(self, source) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        try:
+            while True:
+                t0 = time.perf_counter()
+                x, y = source.get()
+                self.last_wait_s = time.perf_counter() - t0
+                self.total_wait_s += self.last_wait_s
+                if not self._on_host:
+                    x = self.normalizer.normalize_(x.to(self.device, non_blocking=self._pin))
+                    y = y.to(self.device, non_blocking=self._pin)
+                self.samples_seen += self.cfg.global_batch
+                yield x, y
+        finally:
+            if self._active is source:
+                self._stop_active()
+
+    def close(self) -> None:
+        """Stop the assembling thread and the DataLoader workers."""
+        self._stop_active()
+        dl, self._dataloader = self._dataloader, None
+        it = getattr(dl, "_iterator", None) if dl is not None else None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __enter__(self) -> "LatentLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
