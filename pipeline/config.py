@@ -47,6 +47,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if optional:
             return None
         raise ConfigError(f"{key}: null is not allowed for type {tp}")
+    if isinstance(value, str) and typing.get_origin(tp) is typing.Literal and value in typing.get_args(tp):
+        return value
     if isinstance(value, str) and tp is not str:
         low = value.strip().lower()
         if optional and low in ("none", "null"):
