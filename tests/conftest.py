@@ -100,3 +100,52 @@ def ray_local():
     addr = ray.get_runtime_context().gcs_address
     yield addr
     ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# The sample store (encode job): the built-in sample data encoded once per session.
+
+# A shallow DINOv2-B (1 of its 12 blocks, random weights): the real architecture's code paths at
+# a tenth of the cost. The store records the override in its encoder "arch", so it never passes
+# for a real DINOv2 store.
+SAMPLE_STORE_OVERRIDES = {"depth": 1}
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir(tmp_path_factory) -> str:
+    """The built-in sample ImageFolder (train: 16 images in 4 classes, val: 8), in a session folder."""
+    from pipeline.sample_data import ensure_sample_data
+
+    return ensure_sample_data(str(tmp_path_factory.mktemp("sample-data")))
+
+
+@pytest.fixture(scope="session")
+def sample_store_config(sample_data_dir, tmp_path_factory):
+    """The EncodeConfig that made ``sample_store``: dinov2 (depth 1, random weights seed 0), train
+    split, 256 px, 5 samples per shard (shards of 5, 5, 5, 1 rows), float16, flips, 1 actor with
+    1 thread. Tests that re-encode compare against it with ``dataclasses.replace(cfg, out=...)``."""
+    from pipeline.encode import EncodeConfig
+
+    return EncodeConfig(
+        encoder="dinov2",
+        data=sample_data_dir,
+        out=str(tmp_path_factory.mktemp("sample-store")),
+        weights="random",
+        split="train",
+        resolution=256,
+        samples_per_shard=5,
+        batch_size=4,
+        num_actors=1,
+        threads=1,
+        progress=False,
+        encoder_overrides=dict(SAMPLE_STORE_OVERRIDES),
+    )
+
+
+@pytest.fixture(scope="session")
+def sample_store(ray_local, sample_store_config) -> str:
+    """URI of a complete latent store of the sample data (see ``sample_store_config``); read it
+    with ``pipeline.store.LatentStore.open(sample_store)``. Shared: do not modify it."""
+    from pipeline.encode import encode
+
+    return encode(sample_store_config).uri

@@ -1,0 +1,240 @@
+"""``rae-pipeline encode`` and ``rae-pipeline stores ...``.
+
+``encode`` prints the store's URI as the last line of stdout (scripts take it from there);
+progress and messages go to stderr. Heavy imports happen inside the commands.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from typing import Optional
+
+import typer
+
+stores_app = typer.Typer(
+    name="stores",
+    help="List, describe, verify and remove latent stores.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class EncoderChoice(str, Enum):
+    dinov2 = "dinov2"
+    siglip2 = "siglip2"
+    mae = "mae"
+    siglip = "siglip"
+
+
+class SplitChoice(str, Enum):
+    train = "train"
+    val = "val"
+
+
+class DtypeChoice(str, Enum):
+    float16 = "float16"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class CompressorChoice(str, Enum):
+    zstd = "zstd"
+    none = "none"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a user's input (data, weights, store, options): a message, no traceback."""
+    from pipeline.config import ConfigError
+    from pipeline.encode import EncodeError
+    from pipeline.encoders import EncoderWeightsError
+    from pipeline.sources import SourceError
+    from pipeline.store import StoreError
+    from schemas.store_v1 import StoreSpecError
+
+    return (ConfigError, EncodeError, EncoderWeightsError, SourceError, StoreError, StoreSpecError, FileNotFoundError)
+
+
+def encode_command(
+    encoder: EncoderChoice = typer.Option(..., "--encoder", help="Frozen encoder (siglip = siglip2)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="ImageFolder or Parquet dataset (path or URI). Default: the built-in sample data."
+    ),
+    out: str = typer.Option("out/stores", "--out", help="Root under which the store is created (path or URI)."),
+    weights: str = typer.Option(
+        "hub", "--weights", help="'hub' (Hugging Face Hub), a weights file (timm or transformers layout), or 'random'."
+    ),
+    split: SplitChoice = typer.Option(SplitChoice.train, "--split", help="Split to encode; each split is its own store."),
+    resolution: int = typer.Option(256, "--resolution", help="ADM center-crop size: 256 or 512."),
+    class_index: Optional[str] = typer.Option(None, "--class-index", help="File fixing the class -> label mapping."),
+    dtype: DtypeChoice = typer.Option(DtypeChoice.float16, "--dtype", help="Latent storage dtype."),
+    compressor: CompressorChoice = typer.Option(CompressorChoice.zstd, "--compressor"),
+    samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", help="Rows per shard (one write task)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder forward."),
+    num_actors: Optional[int] = typer.Option(None, "--num-actors", help="Encoder actors (default: one per GPU, else 1)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per encoder actor."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Existing Ray cluster (default: local Ray)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the rows' storage order."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Any other EncodeConfig field, e.g. --set samples_per_chunk=16 --set flips=false."
+    ),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar on stderr."),
+) -> None:
+    """Encode images once into a latent store; prints the store's URI (reused if already complete)."""
+    from pipeline.config import apply_overrides
+    from pipeline.encode import EncodeConfig, encode
+    from pipeline.encoders import HubWeightsUnavailableError
+
+    cfg = EncodeConfig()
+    given = {
+        "encoder": encoder.value,
+        "data": data,
+        "out": out,
+        "weights": weights,
+        "split": split.value,
+        "resolution": resolution,
+        "class_index": class_index,
+        "dtype": dtype.value,
+        "compressor": compressor.value,
+        "samples_per_shard": samples_per_shard,
+        "batch_size": batch_size,
+        "num_actors": num_actors,
+        "threads": threads,
+        "ray_address": ray_address,
+        "order_seed": seed,
+    }
+    errors = _user_errors()
+    try:
+        cfg = apply_overrides(cfg, list(overrides))
+        for key, value in given.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        if no_progress:
+            cfg.progress = False
+        _log_to_stderr()
+        result = encode(cfg)
+    except HubWeightsUnavailableError as e:
+        raise typer.BadParameter(str(e), param_hint="'--weights'") from None
+    except (ValueError, *errors) as e:
+        _fail(str(e))
+    if result.reused:
+        typer.echo(f"store is complete, reused: {result.uri}", err=True)
+    else:
+        typer.echo(
+            f"encoded {result.images_encoded} images in {result.shards_encoded} shard(s), "
+            f"{result.images_per_s:.2f} images/s, {result.num_failed} failed; run log {result.run_log}",
+            err=True,
+        )
+    typer.echo(result.uri)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time of the message (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+        except (OSError, ValueError):
+            self.handleError(record)
+
+
+def _log_to_stderr() -> None:
+    """Our INFO messages on stderr, once (the CLI owns the process; library code does not)."""
+    logger = logging.getLogger("pipeline")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+        logger.setLevel(logging.INFO)
+
+
+@stores_app.command("list")
+def stores_list(root: str = typer.Argument(..., help="Folder or URI holding stores.")) -> None:
+    """Every store under ROOT, complete and incomplete."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from pipeline.store import list_stores
+
+    try:
+        statuses = list_stores(root)
+    except _user_errors() as e:
+        _fail(str(e))
+    if not statuses:
+        typer.echo(f"no stores under {root}", err=True)
+        return
+    table = Table(title=f"stores under {root}", show_lines=False)
+    for col in ("name", "state", "shards", "encoder", "weights", "split", "latent", "dtype", "samples", "failed"):
+        table.add_column(col)
+    for st in statuses:
+        s = st.summary
+        state = "complete" if st.complete else "INCOMPLETE"
+        shards = f"{st.shards_done}/{st.num_shards if st.num_shards is not None else '?'}"
+        table.add_row(
+            st.uri.rstrip("/").rsplit("/", 1)[-1],
+            state,
+            shards,
+            *(str(s.get(k, "")) for k in ("encoder", "weights", "split", "latent", "dtype", "samples", "failed")),
+        )
+    Console(width=200).print(table)
+
+
+@stores_app.command("describe")
+def stores_describe(uri: str = typer.Argument(..., help="The store.")) -> None:
+    """The store's spec as JSON (complete stores), or its progress (incomplete ones)."""
+    from pipeline.store import IncompleteStoreError, LatentStore, store_status
+
+    try:
+        spec = LatentStore.open(uri).spec
+    except IncompleteStoreError as e:
+        st = store_status(uri)
+        done = f" ({st.shards_done}/{st.num_shards} shards written)" if st else ""
+        _fail(f"{e}{done}")
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(json.dumps(spec, indent=1, sort_keys=True))
+
+
+@stores_app.command("verify")
+def stores_verify(
+    uri: str = typer.Argument(..., help="The store."),
+    no_stats: bool = typer.Option(False, "--no-stats", help="Skip recomputing the statistics."),
+) -> None:
+    """Re-check every object's checksum, the counts and the statistics; non-zero exit naming the
+    bad shard(s) when anything is wrong."""
+    from pipeline.store import verify_store
+
+    report = verify_store(uri, check_stats=not no_stats)
+    typer.echo(str(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@stores_app.command("rm")
+def stores_rm(
+    uri: str = typer.Argument(..., help="The store."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+) -> None:
+    """Delete a store (its COMPLETE marker first, so a half-deleted store never reads as complete)."""
+    from pipeline.store import remove_store, store_status
+
+    try:
+        st = store_status(uri)
+        if st is None:
+            _fail(f"{uri} is not a latent store")
+        if not yes:
+            typer.confirm(f"delete store {st.uri} ({'complete' if st.complete else 'incomplete'})?", abort=True)
+        remove_store(uri)
+    except _user_errors() as e:
+        _fail(str(e))
+    typer.echo(f"removed {st.uri}", err=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("encode")(encode_command)
+    app.add_typer(stores_app, name="stores")

@@ -1,0 +1,827 @@
+"""The encode job: images -> frozen encoder -> a sharded Zarr v3 latent store, with Ray Data.
+
+One job encodes one split of one source with one encoder, once::
+
+    plan (driver)      list the source once, fix the encoder's weights (checksum), build the
+                       StorePlan; its id names the store under ``out``. A complete store there
+                       is the answer: return its URI (no decoding, no encoding, no Ray).
+    read (CPU tasks)   one task per shard: fetch the shard's image bytes, sha256 them, decode
+                       and ADM-crop each one. A file that fails becomes an invalid hole with its
+                       reason; the job never dies on one image and never drops one silently.
+    encode (actors)    an actor pool holding the encoder (one GPU each, or CPU threads pinned)
+                       encodes a shard in fixed micro-batches, image and horizontal flip.
+    write (CPU tasks)  one task per shard writes it whole: StoreWriter.write_shard (objects,
+                       then the completion record).
+    finalize (driver)  statistics, spec, then COMPLETE; a run log goes *outside* the store.
+
+Row p of the store is source item ``order[p]`` with ``order = storage_order(source, seed)``;
+shard s holds rows ``[s * S, (s + 1) * S)``. A job only processes shards without a completion
+record, so a job killed at any point resumes where it stopped, and two jobs on one output write
+the same bytes to the same objects. The micro-batch partition of a shard depends on the shard
+alone (its valid rows, in row order, ``batch_size`` at a time), so the latents are bit-identical
+whatever the number of actors, a restarted actor, or an interrupted run (on the same hardware and
+software, with the same ``batch_size`` and ``threads``: those change float rounding, not the
+store's id).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from pipeline import uri as U
+from pipeline.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess_image_bytes
+from pipeline.sources import Source, SourceChangedError, SourceItem, open_source, storage_order
+from pipeline.store import (
+    DEFAULT_SAMPLES_PER_SHARD,
+    StoreLayout,
+    StorePlan,
+    StoreWriter,
+    decode_latents,
+    encode_latents,
+)
+
+log = logging.getLogger(__name__)
+
+ENCODER_OUTPUT = "last block patch tokens, final LayerNorm without affine"
+RUNS_DIR = "_runs"
+# Attempts per read before a sample becomes a hole (transient object-store errors).
+READ_ATTEMPTS = 3
+
+
+class EncodeError(RuntimeError):
+    """The job cannot run as configured (bad option combination, no resources for it)."""
+
+
+@dataclass
+class EncodeConfig:
+    """One encode job. Options that change the store's content are part of its id (encoder,
+    weights, resolution, split, data, layout options, order seed); the others (batch size, actors,
+    threads, Ray) only change how fast it is written."""
+
+    encoder: str = "dinov2"  # dinov2 | siglip2 (alias siglip) | mae
+    data: str | None = None  # ImageFolder or Parquet URI; None: the built-in sample data
+    out: str = "out/stores"  # root; the store goes to <out>/<plan.default_name()>
+    weights: str = "hub"  # "hub" | path or URI of a weights file | "random"
+    weights_seed: int = 0  # seed of weights="random"
+    split: str = "train"
+    resolution: int = 256  # ADM crop size (256 or 512)
+    class_index: str | None = None  # file fixing the class -> label mapping (subsets of ImageNet)
+    # store layout (StoreLayout)
+    dtype: str = "float16"  # float16 | float32 | bfloat16 (stored as uint16 bit patterns)
+    compressor: str = "zstd"  # zstd | none
+    samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
+    samples_per_chunk: int | None = None  # None: about 4 MB per chunk
+    flips: bool = True  # also store the latents of the horizontally flipped images
+    order_seed: int = 0  # seed of the storage-order permutation of the rows
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are recorded as decompression bombs
+    # execution (not part of the store id)
+    batch_size: int = 32  # images per encoder forward (micro-batch)
+    num_actors: int | None = None  # encoder actors; None: one per GPU, else 1
+    threads: int | None = None  # torch threads per actor; None: CPUs / actors (CPU), 4 (GPU)
+    actor_cpus: float | None = None  # Ray CPUs each actor reserves; None: its threads, leaving 1 CPU free
+    read_tasks: int | None = None  # concurrent read/decode tasks; None: as many as Ray schedules
+    max_task_retries: int = 3  # retries of a shard whose actor died (actors are always replaced)
+    ray_address: str | None = None  # existing cluster; None: reuse an initialized Ray or start one
+    storage_options: dict | None = None  # fsspec options for data, weights and out (e.g. S3 endpoint)
+    progress: bool = True  # progress bar on stderr
+    # test-only: timm create_model kwargs (e.g. {"depth": 2}); recorded in the encoder's arch
+    encoder_overrides: dict | None = None
+
+
+@dataclass
+class EncodeJob:
+    """What the driver knows before encoding: the listed source, the row order, the plan."""
+
+    config: EncodeConfig
+    source: Source
+    order: np.ndarray  # int64 [N]: row p holds source item order[p]
+    plan: StorePlan
+    uri: str
+    encoder_name: str
+    weights_info: dict
+
+    @property
+    def writer(self) -> StoreWriter:
+        return StoreWriter(self.uri, self.plan, self.config.storage_options)
+
+
+@dataclass
+class EncodeResult:
+    """What a job did. ``images_per_s`` counts source images (each encoded once per orientation)."""
+
+    uri: str
+    store_id: str
+    reused: bool  # a complete store was found; nothing was computed
+    num_shards: int
+    shards_encoded: int = 0
+    images_encoded: int = 0
+    num_failed: int = 0
+    seconds: float = 0.0
+    encode_seconds: float = 0.0  # the Ray pipeline alone
+    images_per_s: float = 0.0
+    run_log: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# plan
+
+
+def _arch_string(timm_arch: str, overrides: dict | None) -> str:
+    """The timm architecture, with test-only overrides spelled out so such a store never passes
+    for one of the real encoder."""
+    if not overrides:
+        return timm_arch
+    return timm_arch + "[" + ",".join(f"{k}={json.dumps(v, sort_keys=True)}" for k, v in sorted(overrides.items())) + "]"
+
+
+def build_configured_encoder(cfg: EncodeConfig, weights: str | None = None):
+    """(RAEEncoder, weights_info) for the job's encoder, resolution and overrides (CPU, eval)."""
+    from pipeline.encoders import build_encoder
+
+    overrides = dict(cfg.encoder_overrides or {})
+    unsupported = sorted(set(overrides) - {"depth"})
+    if unsupported:
+        raise EncodeError(f"encoder_overrides {unsupported} are not supported (only 'depth', for tests)")
+    depth = int(overrides["depth"]) if "depth" in overrides else None
+    return build_encoder(
+        cfg.encoder, cfg.resolution, weights=weights if weights is not None else cfg.weights, seed=cfg.weights_seed,
+        depth=depth,
+    )
+
+
+def _encoder_section(name: str, cfg: EncodeConfig, weights_info: dict) -> dict:
+    from pipeline.encoders import ENCODERS, encoder_input_size
+
+    spec = ENCODERS[name]
+    return {
+        "name": name,
+        "arch": _arch_string(spec.timm_arch, cfg.encoder_overrides),
+        "input_size": encoder_input_size(name, cfg.resolution),
+        "patch_size": spec.patch_size,
+        "hidden_size": spec.hidden_size,
+        "num_prefix_tokens": spec.num_prefix_tokens,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "output": ENCODER_OUTPUT,
+        "weights": dict(weights_info),
+    }
+
+
+def _layout(cfg: EncodeConfig) -> StoreLayout:
+    return StoreLayout(
+        dtype=cfg.dtype,
+        compressor=cfg.compressor,
+        samples_per_shard=cfg.samples_per_shard,
+        samples_per_chunk=cfg.samples_per_chunk,
+        flips=cfg.flips,
+    )
+
+
+def _preprocessing_section(cfg: EncodeConfig) -> dict:
+    return {
+        "crop": "adm_center_crop",
+        "resolution": cfg.resolution,
+        "encoder_resize": "bicubic",
+        "antialias": False,
+        "align_corners": False,
+        "flip": "horizontal" if cfg.flips else "none",
+        "max_pixels": cfg.max_pixels,
+    }
+
+
+def _source_section(source: Source, cfg: EncodeConfig) -> dict:
+    return {
+        "kind": source.kind,
+        "uri": source.uri,
+        "split": cfg.split,
+        "fingerprint": source.fingerprint(),
+        "num_items": len(source.items),
+        "order": {"seed": cfg.order_seed, "granularity": "file" if source.kind == "imagefolder" else "row_group"},
+    }
+
+
+def _data_uri(cfg: EncodeConfig) -> str:
+    if cfg.data is not None:
+        return U.normalize(cfg.data)
+    from pipeline.sample_data import ensure_sample_data
+
+    return ensure_sample_data()
+
+
+def plan_encode(cfg: EncodeConfig, *, encoder=None, weights_info: dict | None = None) -> tuple[EncodeJob, Any]:
+    """Everything known before encoding, and the encoder built for it.
+
+    The encoder comes first so that unavailable weights (hub offline, a wrong file) fail at once,
+    before the source is listed. Returns (job, encoder); pass ``encoder``/``weights_info`` to
+    reuse an encoder already built with the same settings.
+    """
+    from pipeline.encoders import latent_shape, resolve_encoder_name
+
+    name = resolve_encoder_name(cfg.encoder)
+    _check_options(cfg)
+    if encoder is None or weights_info is None:
+        encoder, weights_info = build_configured_encoder(dataclasses.replace(cfg, encoder=name))
+    data = _data_uri(cfg)
+    source = open_source(data, cfg.split, cfg.class_index, cfg.storage_options)
+    unlabelled = sum(1 for it in source.items if it.label < 0)
+    if unlabelled:
+        raise EncodeError(
+            f"{source.root}: {unlabelled} item(s) have no label (-1); a latent store needs a class for every "
+            "image (the Hugging Face test split is unlabelled: encode train or validation)"
+        )
+    order = storage_order(source, cfg.order_seed)
+    plan = StorePlan(
+        kind="encoded",
+        num_samples=len(source.items),
+        latent_shape=latent_shape(name, cfg.resolution),
+        layout=_layout(cfg),
+        encoder=_encoder_section(name, cfg, weights_info),
+        preprocessing=_preprocessing_section(cfg),
+        source=_source_section(source, cfg),
+        classes={"num_classes": len(source.class_names), "names": list(source.class_names)},
+    )
+    uri = U.join(cfg.out, plan.default_name())
+    job = EncodeJob(cfg, source, order, plan, uri, name, weights_info)
+    return job, encoder
+
+
+def _check_options(cfg: EncodeConfig) -> None:
+    """Fail on bad options before anything is built or listed."""
+    for key in ("batch_size", "samples_per_shard", "max_pixels", "resolution"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"{key} must be >= 1, got {getattr(cfg, key)}")
+    for key in ("num_actors", "threads", "read_tasks"):
+        value = getattr(cfg, key)
+        if value is not None and value < 1:
+            raise ValueError(f"{key} must be >= 1 (or unset), got {value}")
+    _layout(cfg).resolved((1, 1, 1))  # dtype, compressor, chunking
+
+
+# --------------------------------------------------------------------------------------------
+# the three steps, as plain functions (Ray runs them; tests may call them directly)
+
+
+def shard_descriptor(job: EncodeJob, shard: int) -> dict:
+    """The input row of one shard: its number, first row and items (JSON, in row order)."""
+    start, stop = job.plan.shard_bounds(shard)
+    items = [job.source.items[int(i)] for i in job.order[start:stop]]
+    return {
+        "shard": shard,
+        "start": start,
+        "items": json.dumps([[it.index, it.key, it.uri, it.row, it.size, it.label, it.group] for it in items]),
+    }
+
+
+def _read_with_retries(fn, *args):
+    """fn(*args), retried on errors that may be transient; permanent ones are raised at once."""
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return fn(*args)
+        except (SourceChangedError, FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except OSError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+            time.sleep(0.5 * 2**attempt)
+
+
+def _read_error_reason(e: BaseException) -> str:
+    # Short and deterministic (no paths, addresses or server messages): it goes into the store.
+    if isinstance(e, SourceChangedError):
+        return "read error: file changed since it was listed"
+    if isinstance(e, FileNotFoundError):
+        return "read error: file not found"
+    return f"read error: {type(e).__name__}"
+
+
+def read_shard_images(items: list[SourceItem], source: Source) -> list[tuple[bytes | None, str | None]]:
+    """(bytes, None) or (None, reason) per item: one grouped read, per item only when it fails."""
+    try:
+        return [(data, None) for data in _read_with_retries(source.read_group, items)]
+    except (OSError, ValueError):
+        pass  # find out which items fail, one at a time
+    out: list[tuple[bytes | None, str | None]] = []
+    for it in items:
+        try:
+            out.append((_read_with_retries(source.read_bytes, it), None))
+        except (OSError, ValueError) as e:
+            out.append((None, _read_error_reason(e)))
+    return out
+
+
+def read_shard(desc: dict, *, source: Source, resolution: int, max_pixels: int) -> dict:
+    """Read and preprocess one shard's images.
+
+    Returns ``{"shard", "pixels": uint8 [n, 3, R, R] (zeros for holes), "ok": bool [n],
+    "meta": JSON}``; meta holds, per row, the label, the stable id, the source reference
+    ``{index, id, key, uri, row, size, sha256, label}`` and, for each hole, a failure
+    ``{index, id, key, reason}``.
+    """
+    items = [SourceItem(*fields_) for fields_ in json.loads(desc["items"])]
+    start = int(desc["start"])
+    n = len(items)
+    pixels = np.zeros((n, 3, resolution, resolution), dtype=np.uint8)
+    ok = np.zeros(n, dtype=bool)
+    samples, failures = [], []
+    for i, (it, (data, reason)) in enumerate(zip(items, read_shard_images(items, source))):
+        row = start + i
+        if data is not None:
+            try:
+                pixels[i] = preprocess_image_bytes(data, resolution, max_pixels=max_pixels)
+                ok[i] = True
+            except ImageDecodeError as e:
+                reason = e.reason
+        samples.append(
+            {
+                "index": row,
+                "id": it.index,
+                "key": it.key,
+                "uri": it.uri,
+                "row": it.row,
+                "size": len(data) if data is not None else it.size,
+                "sha256": U.sha256_bytes(data) if data is not None else None,
+                "label": it.label,
+            }
+        )
+        if not ok[i]:
+            failures.append({"index": row, "id": it.index, "key": it.key, "reason": reason})
+    meta = {
+        "labels": [it.label for it in items],
+        "ids": [it.index for it in items],
+        "samples": samples,
+        "failures": failures,
+    }
+    return {"shard": int(desc["shard"]), "pixels": pixels, "ok": ok, "meta": json.dumps(meta)}
+
+
+@contextlib.contextmanager
+def _true_float32(device) -> Iterator[None]:
+    """On CUDA, compute in real float32 (no TF32 in matmuls or the patch-embedding conv), restoring
+    the caller's settings after: latents are computed once and kept, so they get full precision."""
+    import torch
+
+    if device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def encode_pixels(encoder, pixels, batch_size: int, flips: bool, device=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encode uint8 images [n, 3, R, R] in micro-batches of ``batch_size`` (the last may be smaller).
+
+    Returns float32 latents [n, C, g, g] and, when ``flips``, those of the horizontally flipped
+    images (each flip is its own forward, with the same micro-batch partition); (None, None) when
+    n == 0. Results depend on the images and ``batch_size`` only, never on what else an actor has
+    seen. float32 throughout, on CPU and GPU.
+    """
+    import torch
+
+    from pipeline.preprocess import to_unit_float
+
+    device = device or torch.device("cpu")
+    if len(pixels) == 0:
+        return None, None
+    outs: list[list[np.ndarray]] = [[], []]
+    with torch.inference_mode(), _true_float32(device):
+        for a in range(0, len(pixels), batch_size):
+            x = to_unit_float(np.ascontiguousarray(pixels[a : a + batch_size])).to(device)
+            outs[0].append(encoder(x).float().cpu().numpy())
+            if flips:
+                outs[1].append(encoder(torch.flip(x, dims=[3])).float().cpu().numpy())
+    return np.concatenate(outs[0]), (np.concatenate(outs[1]) if flips else None)
+
+
+class ShardEncoder:
+    """Ray Data actor: holds the encoder, encodes one shard per call (``batch_size=1`` rows).
+
+    The weights come from the driver through the object store (so workers need neither the hub
+    nor the driver's files) and are checked against the plan's checksum before any use.
+    """
+
+    def __init__(self, *, cfg: dict, weights_ref: list, weights_sha256: str, threads: int, logical_dtype: str):
+        import ray
+        import torch
+
+        from pipeline.encoders import state_dict_checksum
+
+        # This actor's process is ours: pin its intra-op threads so actors do not oversubscribe.
+        torch.set_num_threads(threads)
+        config = EncodeConfig(**cfg)
+        encoder, _ = build_configured_encoder(config, weights="random")
+        state = {k: torch.from_numpy(np.array(v)) for k, v in ray.get(weights_ref[0]).items()}
+        encoder.load_timm_state_dict(state, source="weights from the driver")
+        got = state_dict_checksum(encoder.state_dict())
+        if got != weights_sha256:
+            raise EncodeError(f"encoder weights on this worker have sha256 {got}, the plan says {weights_sha256}")
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        self.encoder = encoder.to(self.device).eval()
+        self.batch_size = config.batch_size
+        self.flips = config.flips
+        self.logical_dtype = logical_dtype
+
+    def __call__(self, batch: dict) -> dict:
+        pixels, ok = batch["pixels"][0], np.asarray(batch["ok"][0], dtype=bool)
+        lat, lat_flip = encode_pixels(self.encoder, pixels[ok], self.batch_size, self.flips, self.device)
+        out = {"shard": batch["shard"], "ok": batch["ok"], "meta": batch["meta"]}
+        names = ["latents"] + (["latents_flip"] if self.flips else [])
+        for name, x in zip(names, (lat, lat_flip)):
+            out[name] = _rows_with_holes(x, ok, self.encoder, self.logical_dtype)[None]
+        return out
+
+
+def _rows_with_holes(x: np.ndarray | None, ok: np.ndarray, encoder, logical_dtype: str) -> np.ndarray:
+    """[n, C, g, g] in the storage dtype (lossless for the writer), zeros for holes: half the
+    bytes through the object store for float16/bfloat16 stores."""
+    c, g = encoder.spec.hidden_size, encoder.grid_size
+    stored = encode_latents(np.zeros((1, c, g, g), np.float32), logical_dtype)
+    full = np.zeros((len(ok), c, g, g), dtype=stored.dtype)
+    if x is not None:
+        full[ok] = encode_latents(x, logical_dtype)
+    return full
+
+
+def write_shard_row(row: dict, *, writer: StoreWriter) -> dict:
+    """Write one encoded shard through the store writer; returns its counts for the driver."""
+    meta = json.loads(row["meta"])
+    dtype = writer.plan.layout.dtype
+    ok = np.asarray(row["ok"], dtype=bool)
+    flip = decode_latents(row["latents_flip"], dtype) if writer.plan.layout.flips else None
+    record = writer.write_shard(
+        int(row["shard"]),
+        latents=decode_latents(row["latents"], dtype),
+        latents_flip=flip,
+        labels=np.asarray(meta["labels"], dtype=np.int64),
+        valid=ok,
+        sample_ids=np.asarray(meta["ids"], dtype=np.int64),
+        samples=meta["samples"],
+        failures=meta["failures"],
+    )
+    return {"shard": int(row["shard"]), "images": len(ok), "num_valid": record["num_valid"], "num_failed": record["num_failed"]}
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[bool]:
+    """Connect to ``address``, or reuse an initialized Ray, or start a local one. Yields whether
+    this call started (or connected) it; only then is it shut down (disconnected) afterwards."""
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=True)
+        started = True
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def worker_env() -> dict[str, str]:
+    """Environment the workers need from the driver: the AWS variables (credentials, region,
+    endpoint) that botocore reads itself. Sent with each operation's runtime_env, never set here."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("AWS_")}
+
+
+@dataclass
+class _Resources:
+    num_actors: int
+    threads: int
+    actor_cpus: float
+    actor_gpus: int
+
+
+def _resources(cfg: EncodeConfig) -> _Resources:
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 1)), int(total.get("GPU", 0))
+    if gpus:
+        num_actors = cfg.num_actors or gpus
+        if num_actors > gpus:
+            raise EncodeError(f"num_actors={num_actors} GPU actors asked, the Ray cluster has {gpus} GPU(s)")
+        threads = cfg.threads or 4
+    else:
+        num_actors = cfg.num_actors or 1
+        threads = cfg.threads or max(1, int(cpus) // num_actors)
+    # Actors reserve the CPUs their threads use, but one CPU always stays for reading/decoding and
+    # writing: with every CPU held by actors the read tasks could never be scheduled.
+    actor_cpus = min(float(threads), max(cpus - 1.0, 0.0) / num_actors)
+    if cfg.actor_cpus is not None:
+        actor_cpus = float(cfg.actor_cpus)
+    return _Resources(num_actors, threads, round(actor_cpus, 4), 1 if gpus else 0)
+
+
+def _weights_for_workers(encoder) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().contiguous().numpy() for k, v in encoder.state_dict().items()}
+
+
+def _run_pipeline(job: EncodeJob, encoder, pending: list[int], on_shard) -> dict:
+    """Read -> encode -> write the pending shards with Ray Data; ``on_shard(counts)`` per shard
+    written (in completion order). Returns facts about the execution for the run log."""
+    import ray
+    import ray.data
+
+    cfg = job.config
+    res = _resources(cfg)
+    runtime_env = {"env_vars": worker_env()} if worker_env() else None
+    extra = {"runtime_env": runtime_env} if runtime_env else {}
+    weights_ref = ray.put(_weights_for_workers(encoder))
+    actor_cfg = dataclasses.asdict(dataclasses.replace(cfg, encoder=job.encoder_name))
+
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = False  # our own progress display replaces Ray Data's bars
+    try:
+        ds = ray.data.from_items([shard_descriptor(job, s) for s in pending], override_num_blocks=len(pending))
+        ds = ds.map(
+            read_shard,
+            fn_kwargs={
+                "source": dataclasses.replace(job.source, items=[]),  # items travel with each shard
+                "resolution": cfg.resolution,
+                "max_pixels": cfg.max_pixels,
+            },
+            concurrency=cfg.read_tasks,
+            **extra,
+        )
+        with warnings.catch_warnings():
+            # Ray 2.60 deprecates passing actor options (max_restarts...) this way but offers no
+            # other one yet; the defaults (-1, -1) would retry a shard that always kills its
+            # actor forever.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+            ds = ds.map_batches(
+                ShardEncoder,
+                batch_size=1,
+                batch_format="numpy",
+                compute=ray.data.ActorPoolStrategy(size=res.num_actors),
+                fn_constructor_kwargs={
+                    "cfg": actor_cfg,
+                    "weights_ref": [weights_ref],
+                    "weights_sha256": job.weights_info["sha256"],
+                    "threads": res.threads,
+                    "logical_dtype": cfg.dtype,
+                },
+                num_cpus=res.actor_cpus,
+                num_gpus=res.actor_gpus,
+                # Dead actors are always replaced; a shard is retried on the new actor a few times.
+                ray_remote_args_fn=functools.partial(dict, max_restarts=-1, max_task_retries=cfg.max_task_retries),
+                **extra,
+            )
+        ds = ds.map(write_shard_row, fn_kwargs={"writer": job.writer}, **extra)
+        for counts in ds.iter_rows():
+            on_shard(counts)
+    finally:
+        ctx.enable_progress_bars = saved
+    return {
+        "num_actors": res.num_actors,
+        "threads_per_actor": res.threads,
+        "actor_cpus": res.actor_cpus,
+        "actor_gpus": res.actor_gpus,
+        "ray_cluster": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+    }
+
+
+class _Progress:
+    """images/s, shards done/total and ETA on stderr (tqdm); silent when disabled."""
+
+    def __init__(self, enabled: bool, images: int, shards_done: int, shards_total: int):
+        self.shards_done, self.shards_total = shards_done, shards_total
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=images, unit="img", file=sys.stderr, desc="encode", dynamic_ncols=True)
+            self._postfix()
+
+    def _postfix(self):
+        self.bar.set_postfix_str(f"shards {self.shards_done}/{self.shards_total}")
+
+    def update(self, counts: dict):
+        self.shards_done += 1
+        if self.bar is not None:
+            self.bar.update(counts["images"])
+            self._postfix()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+def encode(cfg: EncodeConfig) -> EncodeResult:
+    """Run one encode job; returns where the store is and what was done.
+
+    A complete store at the planned location is reused after that one check (no Ray, no
+    decoding, no encoding). Otherwise only the shards without a completion record are processed,
+    then the store is finalized and a run log is written under ``<out>/_runs/``.
+    """
+    t0 = time.perf_counter()
+    started_at = time.time()
+    job, encoder = plan_encode(cfg)
+    writer = job.writer
+    plan = job.plan
+    if writer.is_complete():
+        log.info("store %s is complete: reusing it", job.uri)
+        return EncodeResult(job.uri, plan.store_id, True, plan.num_shards, seconds=time.perf_counter() - t0)
+
+    writer.create()
+    pending = writer.pending_shards()
+    images = sum(plan.shard_bounds(s)[1] - plan.shard_bounds(s)[0] for s in pending)
+    log.info(
+        "store %s: %d of %d shard(s) to encode (%d images)", job.uri, len(pending), plan.num_shards, images
+    )
+    tally = _encode_pending(job, encoder, pending, images)
+    spec = writer.finalize()
+    _remove_stale_temp_files(job.uri, before=started_at)
+    result = EncodeResult(
+        uri=job.uri,
+        store_id=plan.store_id,
+        reused=False,
+        num_shards=plan.num_shards,
+        shards_encoded=len(tally.counts),
+        images_encoded=tally.images,
+        num_failed=spec["counts"]["num_failed"],
+        seconds=time.perf_counter() - t0,
+        encode_seconds=tally.seconds,
+        images_per_s=tally.images / tally.seconds if tally.images and tally.seconds > 0 else 0.0,
+        details=tally.execution,
+    )
+    result.run_log = _write_run_log(job, result, started_at)
+    return result
+
+
+@dataclass
+class _Tally:
+    """Shards written by one pipeline run, with when each finished (driver clock)."""
+
+    counts: list[dict] = field(default_factory=list)
+    done_at: list[float] = field(default_factory=list)
+    execution: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def images(self) -> int:
+        return sum(c["images"] for c in self.counts)
+
+
+def _encode_pending(job: EncodeJob, encoder, pending: list[int], images: int) -> _Tally:
+    """Run the Ray pipeline over the pending shards with a progress display (nothing if none)."""
+    tally = _Tally()
+    if not pending:
+        return tally
+    plan = job.plan
+    progress = _Progress(job.config.progress, images, plan.num_shards - len(pending), plan.num_shards)
+
+    def on_shard(counts: dict) -> None:
+        tally.counts.append(counts)
+        tally.done_at.append(time.perf_counter())
+        progress.update(counts)
+
+    start = time.perf_counter()
+    try:
+        with ray_session(job.config.ray_address):
+            tally.execution = _run_pipeline(job, encoder, pending, on_shard)
+    finally:
+        progress.close()
+    tally.seconds = time.perf_counter() - start
+    if len(tally.counts) > 1:
+        # From the first shard on, actors are up and the pipeline is full: the rate a long job runs at.
+        first = tally.counts[0]["images"]
+        tally.execution["steady_images_per_s"] = (tally.images - first) / max(tally.done_at[-1] - tally.done_at[0], 1e-9)
+        tally.execution["first_shard_s"] = tally.done_at[0] - start
+    return tally
+
+
+def _remove_stale_temp_files(store_uri: str, before: float) -> None:
+    """Delete temporary files a killed job left in a local store (``.tmp-*`` from atomic writes).
+
+    Only files older than this job's start: a live concurrent job's temporary file exists for
+    the milliseconds of one write, long after that. Object stores have no temporary objects.
+    """
+    if not U.is_local(store_uri):
+        return
+    for folder, _, files in os.walk(U.normalize(store_uri)):
+        for name in files:
+            path = os.path.join(folder, name)
+            if not name.startswith(".tmp-"):
+                continue
+            try:
+                if os.stat(path).st_mtime < before:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass  # its writer renamed it meanwhile
+
+
+def _write_run_log(job: EncodeJob, result: EncodeResult, started_at: float) -> str:
+    """A JSON record of this run beside the stores (time and host are fine here, not inside)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(started_at))
+    uri = U.join(job.config.out, RUNS_DIR, f"{job.plan.store_id}-{stamp}-{os.getpid()}.json")
+    cfg = dataclasses.asdict(job.config)
+    cfg["storage_options"] = sorted(cfg["storage_options"] or {})  # keys only: no secrets in logs
+    record = {
+        "store_uri": job.uri,
+        "store_id": job.plan.store_id,
+        "config": cfg,
+        "result": {k: v for k, v in dataclasses.asdict(result).items() if k not in ("run_log", "details")},
+        "execution": result.details,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+    try:
+        U.write_json(uri, record, job.config.storage_options)
+    except OSError as e:  # the store is finished; a missing log must not fail the job
+        log.warning("could not write the run log %s: %s", uri, e)
+        return None
+    return uri
+
+
+# --------------------------------------------------------------------------------------------
+# measurement
+
+
+def encoder_forward_throughput(
+    cfg: EncodeConfig, num_images: int | None = None, repeats: int = 1, pixels: np.ndarray | None = None
+) -> dict:
+    """Bare encoder speed in this process: images/s of :func:`encode_pixels` on uint8 images
+    [n, 3, R, R] already in memory (``pixels``, or ``num_images`` random ones), with the job's
+    threads, micro-batch and forwards per image (two with flips), best of ``repeats``. The same
+    encoder the job builds; nothing is read, decoded or written.
+    """
+    import torch
+
+    threads = cfg.threads or torch.get_num_threads()
+    if pixels is None:
+        shape = (num_images or cfg.batch_size, 3, cfg.resolution, cfg.resolution)
+        pixels = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    encoder, _ = build_configured_encoder(dataclasses.replace(cfg, weights="random"))
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    encoder = encoder.to(device)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        encode_pixels(encoder, pixels[: cfg.batch_size], cfg.batch_size, cfg.flips, device)  # warm-up, full batch
+        best = float("inf")
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            encode_pixels(encoder, pixels, cfg.batch_size, cfg.flips, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+    finally:
+        torch.set_num_threads(previous)
+    return {
+        "images": len(pixels),
+        "seconds": best,
+        "images_per_s": len(pixels) / best,
+        "threads": threads,
+        "batch_size": cfg.batch_size,
+        "forwards_per_image": 2 if cfg.flips else 1,
+        "device": device.type,
+    }
+
+
+__all__ = [
+    "EncodeConfig",
+    "EncodeError",
+    "EncodeJob",
+    "EncodeResult",
+    "ShardEncoder",
+    "encode",
+    "encode_pixels",
+    "encoder_forward_throughput",
+    "plan_encode",
+    "read_shard",
+    "shard_descriptor",
+    "worker_env",
+    "write_shard_row",
+]
