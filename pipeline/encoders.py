@@ -613,6 +613,20 @@ def _env_true(var: str) -> bool:
     return os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _endpoint_reachable(url: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the URL's host opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    port = u.port or (443 if u.scheme == "https" else 80)
+    try:
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def fetch_hub_weights(name: str) -> str:
     """Local path of encoder ``name``'s weights from the Hugging Face Hub (the reference's repo).
 
@@ -624,13 +638,25 @@ def fetch_hub_weights(name: str) -> str:
     from huggingface_hub.errors import EntryNotFoundError
 
     offline = constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
-    failures = []
-    for filename in ("model.safetensors", "pytorch_model.bin"):
+    filenames = ("model.safetensors", "pytorch_model.bin")
+    for filename in filenames:
         try:
-            return hf_hub_download(spec.hf_repo, filename, local_files_only=offline)
-        except (EntryNotFoundError, OSError) as e:  # not cached / not on the hub / no connection
-            failures.append(f"{filename}: {type(e).__name__}")
-    why = "HF_HUB_OFFLINE is set and they are not in the local cache" if offline else "; ".join(failures)
+            return hf_hub_download(spec.hf_repo, filename, local_files_only=True)
+        except (EntryNotFoundError, OSError):  # not in the local cache
+            pass
+    failures = []
+    if offline:
+        why = "HF_HUB_OFFLINE is set and they are not in the local cache"
+    elif not _endpoint_reachable(constants.ENDPOINT):
+        # huggingface_hub retries for about a minute on a closed network: fail at once instead.
+        why = f"{constants.ENDPOINT} is unreachable and they are not in the local cache"
+    else:
+        for filename in filenames:
+            try:
+                return hf_hub_download(spec.hf_repo, filename)
+            except (EntryNotFoundError, OSError) as e:  # not on the hub / connection lost
+                failures.append(f"{filename}: {type(e).__name__}")
+        why = "; ".join(failures)
     raise HubWeightsUnavailableError(
         f"cannot get the {spec.name} encoder weights from the Hugging Face Hub ({spec.hf_repo}): {why}. "
         "Pass a local weights file path or URI instead (weights=<file>: .safetensors, .pt or .bin, timm or "
