@@ -1,0 +1,64 @@
+"""``rae-pipeline train-dit``: train DiT^DH / DiT on a latent store (``trainer/train_dit.py``).
+
+Run directly (one process) or under ``torchrun`` (one process per device: gloo on CPU, NCCL on
+CUDA), e.g. ``make train-dit STORE=... NPROC=8``. Progress and messages go to stdout on rank 0;
+errors of the user's inputs end the command with exit code 1 and a one-line message.
+"""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe the user's inputs (config, store, run directory, checkpoint, data): a
+    message, no traceback. A non-finite loss is reported the same way (it names the step)."""
+    from pipeline.config import ConfigError
+    from pipeline.store import StoreError
+    from schemas.checkpoint_v1 import CheckpointMetaError
+    from schemas.store_v1 import StoreSpecError
+    from trainer.checkpoint import CheckpointError
+    from trainer.models import UnknownModelError
+    from trainer.optim import NonFiniteLossError
+    from trainer.train_dit import TrainError
+
+    return (ConfigError, StoreError, StoreSpecError, CheckpointError, CheckpointMetaError, TrainError,
+            UnknownModelError, NonFiniteLossError, FileNotFoundError)
+
+
+def train_dit_command(
+    store: str = typer.Option(..., "--store", help="Latent store to train on (path or URI)."),
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory (path or URI); an existing one resumes."),
+    preset: str = typer.Option(..., "--preset", help="Named config: dit_dh_{s,b,xl}_dinov2_256, "
+                               "dit_dh_xl_dinov2_512, dit_xl_dinov2_256, debug."),
+    overrides: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a config value, e.g. --set optim.lr=1e-4 (repeatable)."),
+    init_from: Optional[str] = typer.Option(
+        None, "--init-from", help="Start from this checkpoint's weights (checkpoint or run directory) with a fresh "
+        "optimizer; ignored when the run directory already has checkpoints (it resumes)."),
+    stats: Optional[str] = typer.Option(
+        None, "--stats", help="Normalize with this statistics file (.safetensors, .npz or the reference stat.pt) "
+        "instead of the store's statistics."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
+) -> None:
+    """Train DiT^DH (or plain DiT) with flow matching on a store's normalized latents; resume a run directory."""
+    try:
+        from pipeline.config import to_dict
+        from trainer.train_dit import resolve_config, train_dit
+
+        cfg = resolve_config(preset, overrides or [])
+        if print_config:
+            typer.echo(json.dumps(to_dict(cfg), indent=1))
+            return
+        result = train_dit(cfg, store, run_dir, init_from=init_from, stats=stats)
+    except _user_errors() as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if result.checkpoint is not None:  # rank 0
+        typer.echo(f"trained to step {result.step} ({result.stopped_by}); checkpoint {result.checkpoint}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train-dit")(train_dit_command)

@@ -1,0 +1,736 @@
+"""``rae-pipeline train-dit``: DiT^DH (or plain DiT) flow matching on the normalized latents of a store.
+
+One typed config tree (:class:`TrainDiTConfig`), named presets (:data:`PRESETS`) and ``--set``
+overrides; a trainer made of short named steps (torchtitan style)::
+
+    train_dit()  -> DiTTrainer(...)          setup: store, statistics, model, EMA, DDP, optimizer,
+                                             LR schedule, loader; resume or --init-from
+                 -> DiTTrainer.train()       the loop: batch -> train_step -> log -> checkpoint
+                    train_step()             step randomness, forward_backward, reduce, finite
+                                             guard, clip, optimizer/scheduler/EMA step
+                    forward_backward()       micro-batches (no_sync on all but the last), loss/A
+
+Facts of the run come from the store's spec, never from constants: latent shape [C, H, W] (model
+``in_channels``/``input_size``), class count, the shift ``alpha = sqrt(C*H*W / flow.shift_base)``
+and the epoch size N (= the store's valid samples; LR schedule and ``train.epochs`` count in it).
+
+Determinism. Step k's randomness is a pure function of (``train.seed``, k) and the sample's row in
+the global batch: times and the class-dropout mask are drawn for the whole global batch from one
+CPU generator seeded by (seed, k); each row's noise from its own generator seeded by
+(seed, k, row) on the compute device (no rank ever draws the noise of the whole global batch).
+Each rank takes the rows its loader serves (``LatentLoader.global_rows``), and the dropout mask goes
+to the model as ``force_drop_ids``. Hence a W-process run equals the 1-process run with the same
+global batch and ``data.num_streams``, and a resume continues exactly without saved RNG streams.
+
+Checkpoints (``trainer/checkpoint.py``, format ``schemas/checkpoint_v1.py``): model and EMA weights,
+optimizer, LR scheduler and loader position, and meta with the resolved config, the store (id, URI,
+latent shape), the encoder identity, the statistics used (tensors in ``stats.safetensors``), step,
+samples seen and the loader state. The same run directory resumes from its newest complete
+checkpoint (same store id required); ``--init-from`` starts any checkpoint's weights with a fresh
+optimizer on a store with the same latent shape and encoder.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pipeline import uri as uri_lib
+from pipeline.config import ConfigError, from_dict, resolve_preset, to_dict
+from pipeline.store import LatentStore
+from schemas import store_v1
+from trainer import distributed
+from trainer.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, read_meta, save_checkpoint
+from trainer.data import LatentLoader, LatentNormalizer, LoaderConfig
+from trainer.flow import interpolate, sample_train_times, shift_alpha, velocity_target
+from trainer.models import model_meta
+from trainer.models.dit import MODEL_SIZES, DiTConfig, build_model, count_parameters, dit_config
+from trainer.optim import EMA, DiTLRSchedule, build_adamw, build_lr_scheduler, check_finite, clip_grad_norm
+from trainer.runlog import RunLogger, SigtermHandler, StepTimer
+
+CHECKPOINT_KIND = "dit"
+CONFIG_FILE = "config.json"
+DEBUG_DIR = "debug"  # per-rank batch records (train.debug_record_batches)
+TIME_DISTS = ("logit_normal", "uniform")
+PRECISIONS = ("auto", "bf16", "fp32")
+_SEED_TAG = 0x44695454  # mixed into every step seed so they differ from other users of train.seed
+
+
+class TrainError(ValueError):
+    """Inputs the trainer refuses (store, run directory, --init-from, statistics); says which and why."""
+
+
+# ------------------------------------------------------------------------------------------------
+# config tree
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    size: str = "dit_dh_xl"  # a name of trainer.models.dit.MODEL_SIZES: dit_dh_{s,b,l,xl} or dit_{s,b,l,xl}
+    hidden_size: int | None = None  # backbone width D0 (None: the size's)
+    depth: int | None = None  # backbone blocks
+    num_heads: int | None = None  # backbone attention heads
+    head_hidden_size: int | None = None  # DDT head width D1 (DiT^DH sizes only)
+    head_depth: int | None = None  # DDT head blocks
+    head_num_heads: int | None = None  # DDT head attention heads
+    patch_size: int | None = None  # latent patch side p (None: 1, also for 32x32 latents)
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (the null label)
+    num_classes: int | None = None  # None: the store's classes.num_classes
+    train_pos_embed: bool = False  # update the sin-cos pos_embed (the reference trainer does; the paper does not)
+
+
+@dataclass
+class FlowSection:
+    time_dist: str = "logit_normal"  # logit_normal | uniform: training times before the shift (paper: logit-normal; released configs: uniform)
+    loc: float = 0.0  # logit-normal location
+    scale: float = 1.0  # logit-normal scale
+    shift_base: int = 4096  # n of the shift alpha = sqrt(C*H*W / n); C, H, W from the store
+    shift_alpha: float | None = None  # explicit alpha instead of the computed one
+
+
+@dataclass
+class OptimSection:
+    lr: float = 2e-4  # AdamW base learning rate
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    weight_decay: float = 0.0  # AdamW weight decay
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # global gradient-norm clip (<= 0: measure only)
+    ema_decay: float = 0.9995  # EMA of the weights after every optimizer step
+    final_lr: float = 2e-5  # LR at the end of the linear decay
+    constant_epochs: float = 40.0  # epochs (of N = the store's valid samples) at the base LR
+    end_epoch: float = 800.0  # epoch at which the linear decay reaches final_lr (constant after)
+
+
+@dataclass
+class TrainSection:
+    max_steps: int | None = None  # optimizer steps to train to (with epochs: whichever comes first)
+    epochs: float | None = 800.0  # epochs of N samples to train (ceil to whole steps)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step on each rank (loss / A, no_sync but the last)
+    precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 autocast on CUDA, fp32 on the CPU
+    compile: bool = False  # torch.compile the model (the DDP wrapper goes around the compiled module)
+    tf32: bool = True  # TF32 float32 matmuls on CUDA while training (restored afterwards)
+    log_every: int = 100  # steps between metric records (JSON lines, TensorBoard)
+    ckpt_every: int = 5000  # steps between checkpoints (a checkpoint is also written at the end and on SIGTERM)
+    keep_last: int = 3  # newest checkpoints kept
+    keep_every: int = 50000  # also keep every checkpoint whose step is a multiple of this (0: none)
+    seed: int = 0  # model init and per-step randomness (noise, times, class dropout)
+    progress: bool = True  # progress bar on rank 0
+    tensorboard: bool = True  # TensorBoard scalars under <run_dir>/logs/tensorboard
+    debug_nan_at_step: int | None = None  # test hook: make the loss of this step NaN
+    debug_record_batches: bool = False  # test hook: each rank appends its batches to <run_dir>/debug/batches-rank<r>.jsonl
+
+
+@dataclass
+class TrainDiTConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    flow: FlowSection = field(default_factory=FlowSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+# ------------------------------------------------------------------------------------------------
+# presets
+# ------------------------------------------------------------------------------------------------
+
+
+def _reference_run(size: str, epochs: float = 800.0) -> TrainDiTConfig:
+    """The released ImageNet training configs (bytetriper/RAE configs/training/ImageNet256/
+    DiTDH-{S,XL}_DINOv2-B.yaml): global batch 1024 in 4 accumulation steps, AdamW 2e-4, EMA 0.9995,
+    LR constant to epoch 40 then linear to 2e-5 at epoch 800, 4 loader workers, log every 100,
+    checkpoint every 5000 steps, seed 0. Those files train 1400 epochs with uniform times; we train
+    the paper's 800 epochs with its logit-normal times (``--set flow.time_dist=uniform`` for theirs)."""
+    return TrainDiTConfig(
+        model=ModelSection(size=size),
+        data=LoaderConfig(global_batch=1024, num_workers=4),
+        train=TrainSection(epochs=epochs, grad_accum_steps=4, log_every=100, ckpt_every=5000),
+    )
+
+
+def debug_preset() -> TrainDiTConfig:
+    """A tiny DiT^DH (width 64, depth 2, head 128x1) that trains in seconds on a CPU."""
+    return TrainDiTConfig(
+        model=ModelSection(size="dit_dh_s", hidden_size=64, depth=2, num_heads=4,
+                           head_hidden_size=128, head_depth=1, head_num_heads=4),
+        optim=OptimSection(lr=1e-3, ema_decay=0.99),
+        data=LoaderConfig(global_batch=16, num_workers=0, block_chunks=4),
+        train=TrainSection(max_steps=200, epochs=None, log_every=10, ckpt_every=50, keep_last=2, keep_every=0),
+    )
+
+
+PRESETS: dict[str, Callable[[], TrainDiTConfig]] = {
+    "dit_dh_s_dinov2_256": lambda: _reference_run("dit_dh_s"),
+    "dit_dh_b_dinov2_256": lambda: _reference_run("dit_dh_b"),
+    "dit_dh_xl_dinov2_256": lambda: _reference_run("dit_dh_xl"),
+    # 512 px: the same model on 768x32x32 latents (patch 1, 1024 tokens); the paper reports 400 epochs.
+    "dit_dh_xl_dinov2_512": lambda: _reference_run("dit_dh_xl", epochs=400.0),
+    "dit_xl_dinov2_256": lambda: _reference_run("dit_xl"),  # plain DiT-XL (the paper's ablation)
+    "debug": debug_preset,
+}
+
+
+def resolve_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainDiTConfig:
+    """A preset with ``key.path=value`` overrides applied, checked (ConfigError naming the key)."""
+    cfg = resolve_preset(PRESETS, preset, overrides)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: TrainDiTConfig) -> None:
+    """Values no dataclass type can rule out; each error names its key."""
+    m, t, o, f = cfg.model, cfg.train, cfg.optim, cfg.flow
+    if m.size not in MODEL_SIZES:
+        raise ConfigError(f"model.size {m.size!r} is not one of {sorted(MODEL_SIZES)}")
+    if m.size.startswith("dit_") and not m.size.startswith("dit_dh_"):
+        head = [k for k in ("head_hidden_size", "head_depth", "head_num_heads") if getattr(m, k) is not None]
+        if head:
+            raise ConfigError(f"model.{head[0]} is set but model.size {m.size!r} is a plain DiT (no DDT head)")
+    choices = {"flow.time_dist": (f.time_dist, TIME_DISTS), "train.precision": (t.precision, PRECISIONS)}
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key} {value!r} is not one of {list(allowed)}")
+    if t.max_steps is None and t.epochs is None:
+        raise ConfigError("set train.max_steps or train.epochs (both: whichever comes first)")
+    positive = {"train.max_steps": t.max_steps, "train.epochs": t.epochs, "train.grad_accum_steps": t.grad_accum_steps,
+                "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "train.keep_last": t.keep_last,
+                "optim.lr": o.lr, "optim.final_lr": o.final_lr, "flow.shift_base": f.shift_base,
+                "flow.shift_alpha": f.shift_alpha, "flow.scale": f.scale}
+    for key, value in positive.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if t.keep_every < 0:
+        raise ConfigError(f"train.keep_every must be >= 0, got {t.keep_every}")
+    if not 0.0 <= o.ema_decay <= 1.0:
+        raise ConfigError(f"optim.ema_decay must be in [0, 1], got {o.ema_decay}")
+    if not 0.0 <= m.class_dropout_prob < 1.0:
+        raise ConfigError(f"model.class_dropout_prob must be in [0, 1), got {m.class_dropout_prob}")
+    if not 0 <= o.constant_epochs <= o.end_epoch:
+        raise ConfigError(f"need 0 <= optim.constant_epochs ({o.constant_epochs}) <= optim.end_epoch ({o.end_epoch})")
+
+
+def model_config_for(cfg: TrainDiTConfig, store: LatentStore) -> DiTConfig:
+    """The architecture: the named size, the section's overrides, C and H from the store's spec."""
+    c, h, w = store.latent_shape
+    if h != w:
+        raise TrainError(f"store {store.uri} holds {c}x{h}x{w} latents; DiT needs a square token grid")
+    m = cfg.model
+    names = ("hidden_size", "depth", "num_heads", "head_hidden_size", "head_depth", "head_num_heads", "patch_size")
+    overrides = {k: getattr(m, k) for k in names if getattr(m, k) is not None}
+    overrides.update(class_dropout_prob=m.class_dropout_prob, train_pos_embed=m.train_pos_embed,
+                     num_classes=m.num_classes if m.num_classes is not None else store.num_classes)
+    try:
+        return dit_config(m.size, c, h, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+
+
+def shift_alpha_for(cfg: TrainDiTConfig, latent_shape: tuple[int, int, int]) -> float:
+    """flow.shift_alpha when given, else sqrt(C*H*W / flow.shift_base)."""
+    if cfg.flow.shift_alpha is not None:
+        return float(cfg.flow.shift_alpha)
+    return shift_alpha(latent_shape, cfg.flow.shift_base)
+
+
+def total_steps(cfg: TrainDiTConfig, num_valid: int) -> int:
+    """Steps to train to: train.max_steps, or ceil(train.epochs * N / global batch), the smaller."""
+    limits = []
+    if cfg.train.max_steps is not None:
+        limits.append(cfg.train.max_steps)
+    if cfg.train.epochs is not None:
+        limits.append(math.ceil(cfg.train.epochs * num_valid / cfg.data.global_batch))
+    return min(limits)
+
+
+# ------------------------------------------------------------------------------------------------
+# per-step randomness
+# ------------------------------------------------------------------------------------------------
+
+
+def _mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers; nearby inputs give unrelated seeds (SeedSequence hashing)."""
+    hi, lo = np.random.SeedSequence([_SEED_TAG, *(int(p) for p in parts)]).generate_state(2, dtype=np.uint32)
+    return (int(hi) << 31) ^ int(lo)
+
+
+@dataclass
+class StepRandomness:
+    """What step k draws for the rows of its global batch that this rank serves (n rows)."""
+
+    t: torch.Tensor  # float32 (n,) shifted times in [0, 1)
+    eps: torch.Tensor  # float32 (n, C, H, W) noise
+    drop: torch.Tensor  # int64 (n,) 1 = replace the label by the null label
+
+    def chunk(self, parts: int) -> list["StepRandomness"]:
+        return [StepRandomness(*c) for c in zip(self.t.chunk(parts), self.eps.chunk(parts), self.drop.chunk(parts))]
+
+
+def step_randomness(seed: int, step: int, rows: torch.Tensor, global_batch: int, latent_shape: tuple[int, ...], *,
+                    flow: FlowSection, alpha: float, drop_prob: float, device: torch.device) -> StepRandomness:
+    """Times, noise and dropout of ``rows`` (int64, rows of the global batch) at ``step``.
+
+    Times and the dropout mask come from one CPU generator seeded by (seed, step) drawing the whole
+    global batch (cheap scalars); each row's noise from a generator seeded by (seed, step, row) on
+    ``device``, so no rank draws noise for rows it does not serve. The result does not depend on the
+    world size or on which rank asks.
+    """
+    g = torch.Generator().manual_seed(_mix_seed(seed, step))
+    t_all = sample_train_times(global_batch, dist=flow.time_dist, alpha=alpha, generator=g, device="cpu",
+                               loc=flow.loc, scale=flow.scale)
+    drop_all = (torch.rand(global_batch, generator=g) < drop_prob).long()
+    noise = []
+    for row in rows.tolist():
+        g_row = torch.Generator(device=device).manual_seed(_mix_seed(seed, step, row))
+        noise.append(torch.randn(tuple(latent_shape), generator=g_row, device=device))
+    return StepRandomness(t_all[rows].to(device), torch.stack(noise), drop_all[rows].to(device))
+
+
+# ------------------------------------------------------------------------------------------------
+# setup helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def open_store(uri: str, storage_options: dict | None = None) -> LatentStore:
+    """The store at ``uri`` (IncompleteStoreError / StoreError for an unfinished or foreign folder)."""
+    return LatentStore.open(uri, storage_options)
+
+
+def requested_normalizer(store: LatentStore, stats: str | None, storage_options: dict | None = None) -> LatentNormalizer:
+    """The store's statistics, or those of ``--stats FILE`` (mean and var each optional)."""
+    norm = LatentNormalizer.from_file(stats, storage_options) if stats else LatentNormalizer.from_store(store)
+    norm.check_shape(store.latent_shape)
+    return norm
+
+
+def newest_checkpoint(run_dir: str, storage_options: dict | None = None) -> str | None:
+    """URI of the newest complete checkpoint of ``run_dir``, None when it has none."""
+    complete = [e.uri for e in list_checkpoints(run_dir, storage_options) if e.complete]
+    return complete[-1] if complete else None
+
+
+def _store_meta(store: LatentStore) -> dict:
+    return {"store_id": store.store_id, "uri": store.uri, "latent_shape": list(store.latent_shape)}
+
+
+def _checkpoint_latent_shape(meta) -> tuple[int, ...] | None:
+    """[C, H, W] a checkpoint was trained on: its store's, else its DiT config's; None if unknown."""
+    if meta.store and meta.store.get("latent_shape"):
+        return tuple(int(v) for v in meta.store["latent_shape"])
+    conf = meta.model.get("config", {})
+    if "in_channels" in conf and "input_size" in conf:
+        return (int(conf["in_channels"]), int(conf["input_size"]), int(conf["input_size"]))
+    return None
+
+
+def check_resume(meta, store: LatentStore, run_dir: str) -> None:
+    """Resuming needs a DiT checkpoint of the same store."""
+    if meta.kind != CHECKPOINT_KIND:
+        raise TrainError(f"run directory {run_dir} holds {meta.kind!r} checkpoints, not {CHECKPOINT_KIND!r} ones")
+    saved = (meta.store or {}).get("store_id")
+    if saved != store.store_id:
+        raise TrainError(
+            f"run directory {run_dir} was trained on store {saved} ({(meta.store or {}).get('uri')}); "
+            f"--store {store.uri} is store {store.store_id}. Resuming needs the same store: pass that store, "
+            "or use a new --run-dir (with --init-from to fine-tune on this store)"
+        )
+
+
+def check_init_from(meta, uri: str, store: LatentStore, model_cfg: DiTConfig, model_class: str) -> None:
+    """--init-from needs the store's latent shape, its encoder and the configured architecture."""
+    shape = _checkpoint_latent_shape(meta)
+    if shape is not None and tuple(shape) != tuple(store.latent_shape):
+        raise TrainError(
+            f"--init-from {uri} was trained on latents of shape {list(shape)} (C, H, W); store {store.uri} "
+            f"holds latents of shape {list(store.latent_shape)}: fine-tuning needs the same latent shape"
+        )
+    ours = store_v1.encoder_identity(store.spec)
+    if meta.encoder is not None and ours is not None and meta.encoder != ours:
+        raise TrainError(
+            f"--init-from {uri} was trained on latents of encoder {meta.encoder}; store {store.uri} was encoded "
+            f"by {ours}: fine-tuning needs the same encoder"
+        )
+    theirs_cfg = dict(meta.model.get("config", {}))
+    ours_cfg = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
+    ignore = {"class_dropout_prob", "train_pos_embed"}  # training choices, not architecture
+    diff = sorted(k for k in set(theirs_cfg) | set(ours_cfg)
+                  if k not in ignore and theirs_cfg.get(k) != ours_cfg.get(k))
+    if meta.model.get("class") != model_class or diff:
+        detail = ", ".join(f"{k}: checkpoint {theirs_cfg.get(k)!r}, config {ours_cfg.get(k)!r}" for k in diff)
+        raise TrainError(
+            f"--init-from {uri} is a {meta.model.get('class')} that differs from the configured {model_class}"
+            f"{' (' + detail + ')' if detail else ''}: pick the preset of that model or set model.* to match"
+        )
+
+
+@contextlib.contextmanager
+def _float32_matmul_precision(device: torch.device, tf32: bool):
+    """TF32 float32 matmuls on CUDA while training; the previous setting is restored."""
+    if device.type != "cuda" or not tf32:
+        yield
+        return
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+class _BatchRecorder:
+    """Test hook: this rank's batches as JSON lines (rows of the global batch, labels, latent sums)."""
+
+    def __init__(self, run_dir: str, rank: int):
+        if not uri_lib.is_local(run_dir):
+            raise ConfigError("train.debug_record_batches needs a local run directory")
+        folder = os.path.join(uri_lib.normalize(run_dir), DEBUG_DIR)
+        os.makedirs(folder, exist_ok=True)
+        self._file = open(os.path.join(folder, f"batches-rank{rank}.jsonl"), "a", encoding="utf-8")
+
+    def record(self, step: int, rows: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
+        sums = x.detach().double().flatten(1).sum(1).cpu().tolist()
+        self._file.write(json.dumps({"step": step, "rows": rows.tolist(), "labels": y.cpu().tolist(),
+                                     "sums": [round(s, 6) for s in sums]}) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# the trainer
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps taken in total (resumed ones included)
+    samples_seen: int  # over all ranks
+    checkpoint: str | None  # the newest checkpoint written (None when nothing was written)
+    resumed_from: str | None  # the checkpoint this run continued, if any
+    stopped_by: str  # "end" (total steps reached) or "sigterm"
+    shift_alpha: float
+    total_steps: int
+
+
+class DiTTrainer:
+    """One training run of a DiT^DH / DiT on a latent store. Build it, then call :meth:`train`."""
+
+    def __init__(self, cfg: TrainDiTConfig, store: str, run_dir: str, *, init_from: str | None = None,
+                 stats: str | None = None, storage_options: dict | None = None,
+                 dist_info: distributed.DistInfo | None = None):
+        check_config(cfg)
+        self.cfg, self.so = cfg, storage_options
+        self.dist = dist_info or distributed.init_distributed()
+        self.device = self.dist.device
+        self.run_dir = uri_lib.normalize(run_dir)
+        self.store = open_store(store, storage_options)
+        self.latent_shape = tuple(self.store.latent_shape)
+        self._check_batch_split()
+        self.normalizer = requested_normalizer(self.store, stats, storage_options)
+        self.alpha = shift_alpha_for(cfg, self.latent_shape)
+        self.model_cfg = model_config_for(cfg, self.store)
+        torch.manual_seed(cfg.train.seed)
+        self.model = build_model(self.model_cfg).to(self.device)
+        ckpt = self._starting_checkpoint(init_from)
+        self._load_weights(ckpt)
+        self.train_model = self._wrap_model()
+        self.loader = LatentLoader(self.store, cfg.data, rank=self.dist.rank, world_size=self.dist.world_size,
+                                   device=self.device, normalizer=self.normalizer)
+        self.total_steps = total_steps(cfg, self.loader.num_valid)
+        self._build_optimizer(ckpt)
+        self.rows = self.loader.global_rows  # after the loader state: the saved stream count decides them
+        self.autocast_dtype = self._autocast_dtype()
+        self.logger = RunLogger(self.run_dir, self.dist.is_main, resume_step=self.step,
+                                tensorboard=cfg.train.tensorboard, storage_options=storage_options)
+        self.recorder = _BatchRecorder(self.run_dir, self.dist.rank) if cfg.train.debug_record_batches else None
+        self.last_saved = self.step if self.resumed_from else None
+        self._write_config()
+        self._announce(init_from)
+
+    # -- setup steps
+    def _check_batch_split(self) -> None:
+        B, W, A = self.cfg.data.global_batch, self.dist.world_size, self.cfg.train.grad_accum_steps
+        if B % (W * A):
+            raise ConfigError(
+                f"data.global_batch {B} must be divisible by world size {W} x train.grad_accum_steps {A}"
+            )
+
+    def _check_same_statistics(self, ckpt) -> None:
+        saved = ckpt.stats or {}
+        now = self.normalizer.as_tensors()
+        same = set(saved) == set(now) and all(torch.equal(saved[k].cpu(), now[k]) for k in now)
+        if not same:
+            source = (ckpt.meta.statistics or {}).get("source")
+            raise TrainError(
+                f"run directory {self.run_dir} normalized its latents with statistics from {source}; this run "
+                f"would use {self.normalizer.source}: resume with the same statistics (the same --stats, or none)"
+            )
+
+    def _starting_checkpoint(self, init_from: str | None):
+        """The run directory's newest complete checkpoint (resume: same store, with its training
+        state), else --init-from's (weights only, checked against the store and the model), else None."""
+        self.step, self.resumed_from, self.init_from = 0, None, None
+        resume_uri = newest_checkpoint(self.run_dir, self.so)
+        if resume_uri is None:
+            return self._load_init_from(init_from) if init_from else None
+        check_resume(read_meta(resume_uri, self.so), self.store, self.run_dir)
+        ckpt = load_checkpoint(resume_uri, map_location=self.device, storage_options=self.so)
+        if not ckpt.train_state or not {"optimizer", "scheduler", "data"} <= set(ckpt.train_state):
+            raise TrainError(f"checkpoint {resume_uri} has no optimizer/scheduler/data state to resume from; "
+                             "start a new --run-dir with --init-from to use its weights")
+        self._check_same_statistics(ckpt)
+        self.resumed_from, self.step = resume_uri, ckpt.step
+        return ckpt
+
+    def _load_init_from(self, uri: str):
+        meta = read_meta(uri, self.so)
+        check_init_from(meta, uri, self.store, self.model_cfg, type(self.model).__name__)
+        ckpt = load_checkpoint(uri, load_train_state=False, map_location=self.device, storage_options=self.so)
+        self.init_from = ckpt.uri
+        return ckpt
+
+    def _load_weights(self, ckpt) -> None:
+        """Model weights from the checkpoint (if any); the EMA from its EMA weights, else from the model."""
+        if ckpt is not None:
+            self.model.load_state_dict(ckpt.model_state)
+        self.ema = EMA(self.model, self.cfg.optim.ema_decay)
+        if ckpt is not None:
+            self.ema.load_state_dict(ckpt.ema_state if ckpt.ema_state is not None else ckpt.model_state)
+
+    def _build_optimizer(self, ckpt) -> None:
+        """AdamW and the LR schedule over the trainable parameters; on resume, then their saved states
+        (optimizer before scheduler: the optimizer state carries the LR) and the loader position."""
+        o = self.cfg.optim
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_adamw(self.params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay, eps=o.eps)
+        self.scheduler = build_lr_scheduler(self.optimizer, DiTLRSchedule(
+            samples_per_epoch=self.loader.num_valid, global_batch_size=self.cfg.data.global_batch, base_lr=o.lr,
+            final_lr=o.final_lr, constant_epochs=o.constant_epochs, end_epoch=o.end_epoch))
+        if self.resumed_from is not None:
+            self.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+            self.scheduler.load_state_dict(ckpt.train_state["scheduler"])
+            self.loader.load_state_dict(ckpt.train_state["data"])
+
+    def _wrap_model(self) -> nn.Module:
+        """The module the loop calls: compiled (optional), inside DDP when there are several ranks."""
+        module: nn.Module = self.model
+        if self.cfg.train.compile:
+            module = torch.compile(module)
+        if self.dist.world_size > 1:
+            module = DDP(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                         forward_sync_buffers=False,  # RoPE tables: equal everywhere, synced once at init
+                         gradient_as_bucket_view=True)
+        return module
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        p = self.cfg.train.precision
+        if p == "bf16" or (p == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _write_config(self) -> None:
+        if not self.dist.is_main:
+            return
+        path = uri_lib.join(self.run_dir, CONFIG_FILE)
+        new = json.loads(json.dumps(to_dict(self.cfg)))
+        if self.resumed_from and uri_lib.exists(path, self.so):
+            old = uri_lib.read_json(path, self.so)
+            changed = sorted(_diff_keys(old, new))
+            if changed:
+                self.logger.info(f"config changed since the last run: {', '.join(changed)}")
+        uri_lib.write_json(path, new, self.so)
+
+    def _announce(self, init_from: str | None) -> None:
+        c, h, w = self.latent_shape
+        B, W, A = self.cfg.data.global_batch, self.dist.world_size, self.cfg.train.grad_accum_steps
+        self.logger.info(
+            f"train-dit: store {self.store.store_id} ({c}x{h}x{w}, {self.loader.num_valid} valid samples), "
+            f"{type(self.model).__name__} {count_parameters(self.model) / 1e6:.2f}M parameters, "
+            f"world size {W}, global batch {B} = {W} x {A} x {B // (W * A)}, shift alpha {self.alpha:.4f}, "
+            f"{self.total_steps} steps ({self.total_steps * B / self.loader.num_valid:.2f} epochs), "
+            f"device {self.device}, autocast {self.autocast_dtype or 'off'}"
+        )
+        if self.resumed_from:
+            self.logger.info(f"resuming from checkpoint {self.resumed_from} at step {self.step} "
+                             f"(epoch {self.loader.epoch:.3f}, {self.loader.samples_seen} samples seen)")
+            if init_from:
+                self.logger.info(f"--init-from {init_from} ignored: the run directory already has checkpoints")
+        elif self.init_from:
+            self.logger.info(f"initialized from {self.init_from} (weights and EMA; fresh optimizer and schedule)")
+
+    # -- the loop
+    def train(self) -> TrainResult:
+        """Steps until ``total_steps`` (or a SIGTERM on any rank), logging and checkpointing on the way."""
+        stopped_by, timer, window = "end", StepTimer(), []
+        if self.step >= self.total_steps:
+            self.logger.info(f"step {self.step} is already at the {self.total_steps} steps to train: nothing to do")
+        try:
+            with SigtermHandler() as sigterm, _float32_matmul_precision(self.device, self.cfg.train.tf32):
+                self.train_model.train()
+                if self.cfg.train.progress:
+                    self.logger.start_progress(self.total_steps, self.step)
+                batches = timer.iterate(self.loader)
+                while self.step < self.total_steps:
+                    x, y = next(batches)
+                    self.step += 1
+                    window.append(self.train_step(x, y))
+                    timer.end_step(self.cfg.data.global_batch)
+                    stop = distributed.all_reduce_any(sigterm.requested, self.device)  # every rank stops together
+                    window = self.report(window, timer, force=stop)
+                    if stop:
+                        stopped_by = "sigterm"
+                        self.logger.info(f"SIGTERM: saving a checkpoint at step {self.step} and stopping")
+                    if stop or self.step % self.cfg.train.ckpt_every == 0 or self.step == self.total_steps:
+                        self.save()
+                    if stop:
+                        break
+            distributed.barrier()
+        finally:
+            self.close()
+        return TrainResult(self.step, self.loader.samples_seen, self.checkpoint_uri(), self.resumed_from,
+                           stopped_by, self.alpha, self.total_steps)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on this rank's part (x (B/W, C, H, W) normalized, y (B/W,)) of the global batch."""
+        rnd = step_randomness(self.cfg.train.seed, self.step, self.rows, self.cfg.data.global_batch,
+                              self.latent_shape, flow=self.cfg.flow, alpha=self.alpha,
+                              drop_prob=self.model_cfg.class_dropout_prob, device=self.device)
+        if self.recorder is not None:
+            self.recorder.record(self.step, self.rows, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        local_loss = self.forward_backward(x, y, rnd)
+        loss = distributed.all_reduce_mean(local_loss)  # the global-batch mean (equal local batches)
+        grad_norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)  # DDP has averaged the gradients
+        loss_v, norm_v = torch.stack([loss.float(), grad_norm.float().to(loss.device)]).tolist()  # one host sync
+        check_finite(loss_v, self.step, "loss")  # raises before any state changes: nothing is saved after it
+        check_finite(norm_v, self.step, "gradient norm")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        return {"loss": loss_v, "grad_norm": norm_v, "lr": lr}
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, rnd: StepRandomness) -> torch.Tensor:
+        """Gradients of this rank's mean loss, in ``grad_accum_steps`` equal micro-batches: each loss is
+        scaled by 1/A and DDP synchronizes on the last backward only. Returns the (detached) mean loss."""
+        A = self.cfg.train.grad_accum_steps
+        total = torch.zeros((), device=self.device)
+        for i, (xs, ys, rs) in enumerate(zip(x.chunk(A), y.chunk(A), rnd.chunk(A))):
+            sync = contextlib.nullcontext() if i == A - 1 or not isinstance(self.train_model, DDP) \
+                else self.train_model.no_sync()
+            with sync:
+                x_t = interpolate(xs, rs.eps, rs.t)                                     # (m, C, H, W)
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.bfloat16,
+                                    enabled=self.autocast_dtype is not None):
+                    v = self.train_model(x_t, rs.t, ys, force_drop_ids=rs.drop)        # (m, C, H, W)
+                loss = (v.float() - velocity_target(xs, rs.eps).float()).pow(2).mean()
+                if self.step == self.cfg.train.debug_nan_at_step:
+                    loss = loss * float("nan")
+                (loss / A).backward()
+            total += loss.detach()
+        return total / A
+
+    # -- reporting and checkpoints
+    def report(self, window: list[dict], timer: StepTimer, force: bool = False) -> list[dict]:
+        """Move the progress bar; every ``log_every`` steps (and at the end) log the window's means and
+        rates. Returns the window still to be logged."""
+        self.logger.progress(self.step)
+        if not (force or self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps):
+            return window
+        rates = timer.pop()
+        self.logger.log(self.step, {
+            "loss": sum(m["loss"] for m in window) / len(window),
+            "grad_norm": sum(m["grad_norm"] for m in window) / len(window),
+            "lr": window[-1]["lr"],
+            "samples_per_s": rates["samples_per_s"],
+            "steps_per_s": rates["steps_per_s"],
+            "data_wait_frac": rates["data_wait_frac"],
+            "epoch": self.loader.epoch,
+        })
+        return []
+
+    def checkpoint_meta(self) -> dict:
+        return {
+            "kind": CHECKPOINT_KIND,
+            "epoch": self.loader.epoch,
+            "samples_seen": self.loader.samples_seen,
+            "config": json.loads(json.dumps(to_dict(self.cfg))),
+            "model": model_meta(self.model),
+            "store": _store_meta(self.store),
+            "encoder": store_v1.encoder_identity(self.store.spec),
+            "statistics": self.normalizer.describe(),
+            "data_state": self.loader.state_dict(),
+            "extra": {"shift_alpha": self.alpha, "world_size": self.dist.world_size,
+                      "total_steps": self.total_steps, "init_from": self.init_from},
+        }
+
+    def save(self) -> None:
+        """Checkpoint the current step (rank 0 writes; others go on), prune, redraw the loss curve."""
+        self.last_saved = self.step
+        if not self.dist.is_main:
+            return
+        train_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                       "data": self.loader.state_dict()}
+        stats = self.normalizer.as_tensors() or None
+        uri = save_checkpoint(self.run_dir, self.step, model_state=self.model, ema_state=self.ema.state_dict(),
+                              train_state=train_state, meta=self.checkpoint_meta(), stats=stats,
+                              storage_options=self.so)
+        prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self.cfg.train.keep_every, self.so)
+        self.logger.flush()
+        self.logger.plot_loss_curve()
+        self.logger.info(f"saved checkpoint {uri}")
+
+    def checkpoint_uri(self) -> str | None:
+        return newest_checkpoint(self.run_dir, self.so) if self.dist.is_main else None
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.recorder is not None:
+            self.recorder.close()
+        self.logger.close()
+
+
+def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def train_dit(cfg: TrainDiTConfig, store: str, run_dir: str, *, init_from: str | None = None,
+              stats: str | None = None, storage_options: dict | None = None) -> TrainResult:
+    """Train (or resume) in this process: joins the torchrun process group when launched by torchrun
+    (gloo on CPU, NCCL on CUDA) and leaves it at the end if it joined it."""
+    joined = not torch.distributed.is_initialized()
+    info = distributed.init_distributed()
+    try:
+        trainer = DiTTrainer(cfg, store, run_dir, init_from=init_from, stats=stats,
+                             storage_options=storage_options, dist_info=info)
+        return trainer.train()
+    finally:
+        if joined:
+            distributed.cleanup()
+
+
+def config_from_run_dir(run_dir: str, storage_options: dict | None = None) -> TrainDiTConfig:
+    """The resolved config a run directory was trained with (its config.json)."""
+    data = uri_lib.read_json(uri_lib.join(run_dir, CONFIG_FILE), storage_options)
+    return from_dict(TrainDiTConfig, data)
+
+
+__all__ = [
+    "PRESETS", "TrainDiTConfig", "ModelSection", "FlowSection", "OptimSection", "TrainSection", "TrainError",
+    "TrainResult", "DiTTrainer", "resolve_config", "check_config", "model_config_for", "shift_alpha_for",
+    "total_steps", "step_randomness", "train_dit", "config_from_run_dir",
+]
