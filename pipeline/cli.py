@@ -18,6 +18,9 @@ app = typer.Typer(
 # Modules with a `register(app)` function, in the order their commands appear in --help.
 COMMAND_MODULES = [
     "pipeline.cli_encode",
+    "pipeline.cli_interop",
+    "pipeline.cli_train",
+    "pipeline.cli_evaluate",
 ]
 
 for _name in COMMAND_MODULES:
