@@ -243,17 +243,17 @@ def test_resume_on_other_world_sizes(flip_store, caplog):
 
 def test_reads_whole_chunks_once_per_segment(big_store, monkeypatch):
     reads, rows = [], []
-    read_chunk, read_rows = LatentStore.read_chunk, LatentStore.read_rows
+    read_chunk, read_rows = LatentStore.read_chunk_stored, LatentStore.read_rows
 
-    def counting_chunk(self, chunk, array="latents"):
+    def counting_chunk(self, chunk, array="latents", out=None):
         reads.append(chunk)
-        return read_chunk(self, chunk, array)
+        return read_chunk(self, chunk, array, out)
 
     def counting_rows(self, start, stop, array="latents"):
         rows.append((start, stop))
         return read_rows(self, start, stop, array)
 
-    monkeypatch.setattr(LatentStore, "read_chunk", counting_chunk)
+    monkeypatch.setattr(LatentStore, "read_chunk_stored", counting_chunk)
     monkeypatch.setattr(LatentStore, "read_rows", counting_rows)
     valid = big_store.valid()
     v, block = int(valid.sum()), 4  # V = 152 = 2 streams x 76 = 19 steps of 8

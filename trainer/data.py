@@ -20,10 +20,15 @@ The order of samples is a pure function of (seed, epoch, the store's valid mask,
   uninterrupted run, and with another W (dividing P) too. A W that does not divide the saved P
   starts a new partition P' = W at the same samples_seen (see :meth:`LatentLoader.load_state_dict`).
 
-Reading: a map-style dataset whose items are whole chunks ``(chunk, orientation)``; a DataLoader
-with workers (each opens its own store client) reads them in the order this rank will consume
-them; the main process keeps at most one block per stream, assembles local batches (in a
-background thread, ``prefetch_batches`` ahead), into pinned memory when the device is CUDA.
+Reading: a map-style dataset whose items are whole chunk reads ``(chunk, orientation, slot)``; a
+DataLoader with workers (each opens its own store client) reads them in the order this rank will
+consume them, each into a slot of a buffer shared with the main process (allocated once: a unit per
+stream, at most one block each, plus the read-ahead), so only small tuples cross processes. On the
+CPU the workers also convert to float32 and normalize; for other devices slots and batches keep the
+stored dtype (half the bytes) and the device converts and normalizes. The main process assembles
+local batches (in a background thread, ``prefetch_batches`` ahead) by copying rows from the slots
+straight into the batch (pinned on CUDA): one copy per sample, no concatenation of blocks, and no
+torch intra-op threads (numpy, without the GIL).
 """
 from __future__ import annotations
 
@@ -60,7 +65,8 @@ class LoaderConfig:
     global_batch: samples per optimizer step over all ranks (must divide by num_streams and world size).
     num_workers: DataLoader worker processes per rank reading chunks (0: read in-process).
     block_chunks: chunks whose samples are shuffled together; the per-stream memory bound.
-    prefetch_factor: chunk reads queued per worker.
+    prefetch_factor: chunk reads queued per worker (the read-ahead: with too little, workers idle while
+        the assembler serves a block; each costs one chunk buffer).
     num_streams: P, the fixed partition of each epoch (None: the world size of the first run).
         Runs with the same P and global batch see the same global batches whatever the world size.
     seed: seeds the chunk permutation, block shuffles and orientations of every epoch.
@@ -70,7 +76,7 @@ class LoaderConfig:
     global_batch: int = 1024
     num_workers: int = 2
     block_chunks: int = 16
-    prefetch_factor: int = 2
+    prefetch_factor: int = 4
     num_streams: int | None = None
     seed: int = 0
     prefetch_batches: int = 1
@@ -341,17 +347,66 @@ class _Order:
 
 
 # --------------------------------------------------------------------------------------------
-# reading chunks (in DataLoader workers)
+# reading chunks (in DataLoader workers) into slots shared with the main process
+
+_STORED_TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _numpy_view(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a contiguous CPU tensor; bfloat16 (no numpy dtype) as its uint16 bit patterns."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16)
+    return t.numpy()
+
+
+class _Slots:
+    """``count`` chunk buffers [count, k, C, H, W], allocated once per DataLoader (in shared memory
+    when workers read): a read names the free slot it fills, the assembler gathers rows from the
+    slots and frees a unit's slots once the unit is served. Reads then move no tensor between
+    processes and touch no fresh memory. Free-list calls come from one thread (the assembler: the
+    DataLoader draws indices from :class:`_ReadOrder` in the thread that asks it for the next read).
+    """
+
+    def __init__(self, count: int, chunk_shape: tuple[int, ...], dtype: torch.dtype, shared: bool):
+        self.count = count
+        self.buffers = torch.empty((count,) + tuple(chunk_shape), dtype=dtype)
+        if shared:
+            self.buffers.share_memory_()
+        self.rows = _numpy_view(self.buffers).reshape((count * chunk_shape[0],) + tuple(chunk_shape[1:]))
+        self._free: list[int] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self._free = list(range(self.count - 1, -1, -1))
+
+    def take(self) -> int:
+        if not self._free:
+            raise RuntimeError(f"latent loader: all {self.count} chunk slots are in use (a bug: the read-ahead "
+                               "and the blocks held should fit)")
+        return self._free.pop()
+
+    def give(self, slots: list[int]) -> None:
+        self._free.extend(slots)
 
 
 class ChunkReads(Dataset):
-    """Items are whole chunk reads: ``(chunk, flip)`` -> (chunk, flip, latents float32 [k, C, H, W],
-    labels int64 [k], valid bool [k]). Each process reads through its own store client."""
+    """Items are whole chunk reads ``(chunk, flip, slot)``: chunk ``chunk`` of ``latents`` (or
+    ``latents_flip``) is written into ``slots[slot]``; the item returns (chunk, flip, slot, rows).
 
-    def __init__(self, store: LatentStore):
-        self.store = store
+    slots: [count, k, C, H, W]. Float32 slots with ``shift`` and ``scale`` (float32, broadcasting to
+    [C, H, W]) receive (z - shift) / scale, the normalizer's float32 ops; slots of the store's dtype
+    receive the stored values unchanged. Each process reads through its own store client."""
+
+    def __init__(self, store: LatentStore, slots: torch.Tensor, shift: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None):
+        if (shift is None) != (scale is None) or (shift is not None and slots.dtype != torch.float32):
+            raise ValueError("ChunkReads: normalization needs both shift and scale, and float32 slots")
+        self.store, self.slots, self.shift, self.scale = store, slots, shift, scale
+        self._stored_dtype = _STORED_TORCH_DTYPE[store.logical_dtype]
+        if slots.dtype not in (self._stored_dtype, torch.float32):
+            raise ValueError(f"ChunkReads: slots of {slots.dtype} for a {store.logical_dtype} store")
         self._pid = os.getpid()
-        self._labels, self._valid = store.labels(), store.valid()  # whole-store arrays, converted once
+        self._scratch: torch.Tensor | None = None  # stored-dtype chunk, when the slots are float32
 
     def _store(self) -> LatentStore:
         if self._pid != os.getpid():
@@ -363,25 +418,36 @@ class ChunkReads(Dataset):
     def __len__(self) -> int:
         return self.store.num_chunks
 
-    def __getitem__(self, item: tuple[int, bool]):
-        chunk, flip = int(item[0]), bool(item[1])
-        store = self._store()
-        latents = store.read_chunk(chunk, S.LATENTS_FLIP if flip else S.LATENTS)
-        a, b = store.chunk_bounds(chunk)
-        return (chunk, flip, torch.from_numpy(latents), torch.from_numpy(self._labels[a:b].copy()),
-                torch.from_numpy(self._valid[a:b].copy()))
+    def __getitem__(self, item: tuple[int, bool, int]) -> tuple[int, bool, int, int]:
+        chunk, flip, slot = int(item[0]), bool(item[1]), int(item[2])
+        store, dst = self._store(), self.slots[slot]
+        array = S.LATENTS_FLIP if flip else S.LATENTS
+        if dst.dtype == self._stored_dtype:
+            n = len(store.read_chunk_stored(chunk, array, out=_numpy_view(dst)))
+        else:
+            if self._scratch is None:
+                self._scratch = torch.empty(dst.shape, dtype=self._stored_dtype)
+            n = len(store.read_chunk_stored(chunk, array, out=_numpy_view(self._scratch)))
+            dst[:n].copy_(self._scratch[:n])  # to float32, exact; torch's conversion is vectorized, numpy's not
+        if self.shift is not None:
+            dst[:n].sub_(self.shift).div_(self.scale)  # LatentNormalizer.normalize_'s ops, bit for bit
+        return chunk, flip, slot, n
 
 
 class _ReadOrder(Sampler):
-    """The lazily generated chunk reads of this rank from the loader's position at iteration start."""
+    """The lazily generated chunk reads ``(chunk, flip, slot)`` of this rank from the loader's position
+    at iteration start, each with a free slot to fill."""
 
-    def __init__(self, loader: "LatentLoader"):
-        self.loader = loader
+    def __init__(self, loader: "LatentLoader", slots: _Slots):
+        self.loader, self.slots = loader, slots
 
     def __iter__(self):
+        # Runs on the first index the DataLoader draws, after its reset: no read of an earlier
+        # iteration is still writing, so every slot is free.
+        self.slots.reset()
         for u in self.loader._schedule():
             for c, f in zip(u.chunks.tolist(), u.flips.tolist()):
-                yield (c, f)
+                yield (c, f, self.slots.take())
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,42 +455,51 @@ class _ReadOrder(Sampler):
 
 
 class _Cursor:
-    """The unit one stream is serving from: its chunks stacked, and the rows in serving order."""
+    """The unit one stream is serving: the slot row of each of its samples, in serving order."""
 
     def __init__(self):
-        self.latents = self.labels = self.rows = None
-        self.pos = self.num_chunks = 0
+        self.rows = self.labels = None
+        self.slots: list[int] = []
+        self.pos = 0
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.slots)
 
     @property
     def remaining(self) -> int:
         return 0 if self.rows is None else len(self.rows) - self.pos
 
-    def load(self, unit: _Unit, items: list, samples_per_chunk: int) -> None:
+    def load(self, unit: _Unit, items: list, samples_per_chunk: int, labels: np.ndarray) -> None:
+        """items: the reads of ``unit.chunks`` in order, (chunk, flip, slot, rows); labels: int64 [N]."""
         for (chunk, flip, *_), want, want_flip in zip(items, unit.chunks.tolist(), unit.flips.tolist()):
             if chunk != want or flip != want_flip:
                 raise RuntimeError(f"chunk reads out of order: got {(chunk, flip)}, expected {(want, want_flip)}")
-        sizes = np.array([len(it[2]) for it in items])
-        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        rows = base[np.searchsorted(unit.chunks, unit.samples // samples_per_chunk)] + unit.samples % samples_per_chunk
-        valid = torch.cat([it[4] for it in items])
-        self.rows = torch.from_numpy(rows.astype(np.int64))
-        if not bool(valid[self.rows].all()):
-            raise StoreError(f"chunks {unit.chunks.tolist()} returned invalid rows the valid mask calls valid")
-        self.latents = torch.cat([it[2] for it in items]) if len(items) > 1 else items[0][2]
-        self.labels = torch.cat([it[3] for it in items])
-        self.pos, self.num_chunks = 0, len(items)
+        slot_of = np.array([it[2] for it in items], dtype=np.int64)
+        got = np.array([it[3] for it in items], dtype=np.int64)
+        which = np.searchsorted(unit.chunks, unit.samples // samples_per_chunk)
+        offset = unit.samples % samples_per_chunk
+        if (offset >= got[which]).any():
+            raise StoreError(f"chunks {unit.chunks.tolist()} returned fewer rows than the samples they hold")
+        self.rows = slot_of[which] * samples_per_chunk + offset
+        self.labels = labels[unit.samples]
+        self.slots, self.pos = slot_of.tolist(), 0
 
-    def take(self, n: int, x_out: torch.Tensor, y_out: torch.Tensor) -> None:
+    def take(self, n: int, source: np.ndarray, x_out: np.ndarray, y_out: np.ndarray) -> None:
+        """Copy the next n samples from ``source`` (the slots' rows) into x_out, their labels into y_out."""
         rows = self.rows[self.pos:self.pos + n]
-        torch.index_select(self.latents, 0, rows, out=x_out)
-        torch.index_select(self.labels, 0, rows, out=y_out)
+        # One row copy per sample, single-threaded and without the GIL; mode="clip" writes into
+        # x_out directly (the default "raise" buffers the output).
+        np.take(source, rows, axis=0, out=x_out, mode="clip")
+        y_out[:] = self.labels[self.pos:self.pos + n]
         self.pos += n
 
-    def release(self) -> int:
-        held, self.num_chunks = self.num_chunks, 0
-        self.latents = self.labels = self.rows = None
+    def release(self) -> list[int]:
+        """The slots of the served unit, now free."""
+        slots, self.slots = self.slots, []
+        self.rows = self.labels = None
         self.pos = 0
-        return held
+        return slots
 
 
 class _Prefetcher:
@@ -526,9 +601,13 @@ class LatentLoader:
         self.samples_seen = 0
         self.last_wait_s = self.total_wait_s = 0.0
         self.chunks_held = self.max_chunks_held = 0
-        self._on_host = self.device.type == "cpu"  # else: move each batch, normalize it there
+        self._labels = self.store.labels()
+        # On the CPU the readers normalize (float32, in parallel); elsewhere batches travel in the
+        # stored dtype and are converted and normalized on the device.
+        self._on_host = self.device.type == "cpu"
         self._pin = self.device.type == "cuda"
         self._dataloader: DataLoader | None = None
+        self._slots: _Slots | None = None
         self._active = None
         self._iter_start = 0
 
@@ -649,13 +728,27 @@ class LatentLoader:
         o = self._order
         return o.schedule(self.streams, o.stream_position(self._iter_start), self.cfg.global_batch // o.P)
 
+    def _slots_needed(self) -> int:
+        """Chunks read but not yet served, at most: a unit per stream (<= one block) and the read-ahead."""
+        per_unit = min(self.block_chunks, self.store.num_chunks)
+        return len(self.streams) * per_unit + self.cfg.num_workers * self.cfg.prefetch_factor
+
     def _reads(self) -> Iterator:
+        if self._dataloader is not None and self._slots.count < self._slots_needed():
+            self._close_reads()  # a restored position with larger blocks or more streams
         if self._dataloader is None:
             w = self.cfg.num_workers
+            chunk_shape = (self.store.samples_per_chunk,) + tuple(self.store.latent_shape)
+            dtype = torch.float32 if self._on_host else _STORED_TORCH_DTYPE[self.store.logical_dtype]
+            self._slots = _Slots(self._slots_needed(), chunk_shape, dtype, shared=w > 0)
+            shift = scale = None
+            if self._on_host:
+                shift, scale = (t.detach().to("cpu", torch.float32).clone()
+                                for t in (self.normalizer._shift, self.normalizer._scale))
             self._dataloader = DataLoader(
-                ChunkReads(self.store),
+                ChunkReads(self.store, self._slots.buffers, shift, scale),
                 batch_size=None,
-                sampler=_ReadOrder(self),
+                sampler=_ReadOrder(self, self._slots),
                 num_workers=w,
                 prefetch_factor=self.cfg.prefetch_factor if w > 0 else None,
                 persistent_workers=w > 0,
@@ -663,14 +756,25 @@ class LatentLoader:
         return iter(self._dataloader)
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Host batches (normalized when the device is the CPU) from ``_iter_start`` on."""
+        """Host batches from ``_iter_start`` on: float32 normalized when the device is the CPU, else
+        the stored dtype (in pinned memory on CUDA)."""
         schedule, reads = self._schedule(), self._reads()
+        slots = self._slots
         cursors = {p: _Cursor() for p in self.streams}
         per_stream, spc = self.cfg.global_batch // self.num_streams, self.store.samples_per_chunk
         shape = (self.local_batch,) + tuple(self.store.latent_shape)
         while True:
-            x = torch.empty(shape, dtype=torch.float32, pin_memory=self._pin)
-            y = torch.empty(self.local_batch, dtype=torch.int64, pin_memory=self._pin)
+            if self._pin:
+                x = torch.empty(shape, dtype=slots.buffers.dtype, pin_memory=True)  # cached by torch
+                y = torch.empty(self.local_batch, dtype=torch.int64, pin_memory=True)
+                xs, ys = _numpy_view(x), y.numpy()
+            else:
+                # numpy's allocation: malloc reuses freed heap memory of the batch size, while large
+                # torch CPU allocations may come as fresh pages (a page fault per 4 KiB written).
+                xs, ys = np.empty(shape, dtype=slots.rows.dtype), np.empty(self.local_batch, dtype=np.int64)
+                x = torch.from_numpy(xs) if slots.buffers.dtype != torch.bfloat16 else \
+                    torch.from_numpy(xs.view(np.int16)).view(torch.bfloat16)
+                y = torch.from_numpy(ys)
             dst = 0
             for p, cur in cursors.items():
                 need = per_stream
@@ -679,16 +783,16 @@ class LatentLoader:
                         unit = next(schedule)
                         if unit.stream != p:
                             raise RuntimeError(f"load schedule out of step: stream {unit.stream}, expected {p}")
-                        cur.load(unit, [next(reads) for _ in range(len(unit.chunks))], spc)
+                        cur.load(unit, [next(reads) for _ in range(len(unit.chunks))], spc, self._labels)
                         self.chunks_held += cur.num_chunks
                         self.max_chunks_held = max(self.max_chunks_held, self.chunks_held)
                     m = min(need, cur.remaining)
-                    cur.take(m, x[dst:dst + m], y[dst:dst + m])
+                    cur.take(m, slots.rows, xs[dst:dst + m], ys[dst:dst + m])
                     dst, need = dst + m, need - m
                     if cur.remaining == 0:
-                        self.chunks_held -= cur.release()
-            if self._on_host:
-                self.normalizer.normalize_(x)
+                        released = cur.release()
+                        slots.give(released)
+                        self.chunks_held -= len(released)
             yield x, y
 
     def _stop_active(self) -> None:
@@ -714,7 +818,10 @@ class LatentLoader:
                 self.last_wait_s = time.perf_counter() - t0
                 self.total_wait_s += self.last_wait_s
                 if not self._on_host:
-                    x = self.normalizer.normalize_(x.to(self.device, non_blocking=self._pin))
+                    x = x.to(self.device, non_blocking=self._pin)
+                    if x.dtype != torch.float32:
+                        x = x.float()  # exact from float16/bfloat16
+                    x = self.normalizer.normalize_(x)
                     y = y.to(self.device, non_blocking=self._pin)
                 self.samples_seen += self.cfg.global_batch
                 yield x, y
@@ -725,7 +832,10 @@ class LatentLoader:
     def close(self) -> None:
         """Stop the assembling thread and the DataLoader workers."""
         self._stop_active()
-        dl, self._dataloader = self._dataloader, None
+        self._close_reads()
+
+    def _close_reads(self) -> None:
+        dl, self._dataloader, self._slots = self._dataloader, None, None
         it = getattr(dl, "_iterator", None) if dl is not None else None
         if it is not None and hasattr(it, "_shutdown_workers"):
             it._shutdown_workers()
