@@ -50,6 +50,23 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _task_error_cause(e: BaseException) -> str | None:
+    """The message of the error a Ray task raised (StoreError, OSError...) under Ray Data's
+    wrappers, which keep it only as text; None when ``e`` is not a Ray task failure."""
+    import re
+
+    import ray.exceptions
+
+    if not isinstance(e, ray.exceptions.RayTaskError):
+        return None
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+    for line in text.splitlines():
+        m = re.match(r"^([\w.]+(?:Error|Exception)): (.+)$", line)
+        if m and not m.group(1).startswith("ray."):
+            return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
+    return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors that describe a user's input (data, weights, store, options): a message, no traceback."""
     from pipeline.config import ConfigError
@@ -124,6 +141,11 @@ def encode_command(
         raise typer.BadParameter(str(e), param_hint="'--weights'") from None
     except (ValueError, *errors) as e:
         _fail(str(e))
+    except Exception as e:
+        cause = _task_error_cause(e)
+        if cause is None:
+            raise
+        _fail(f"{cause}\n(the store is resumable: rerun the same command)")
     if result.reused:
         typer.echo(f"store is complete, reused: {result.uri}", err=True)
     else:

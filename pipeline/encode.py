@@ -45,6 +45,7 @@ from pipeline.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, preprocess
 from pipeline.sources import Source, SourceChangedError, SourceItem, open_source, storage_order
 from pipeline.store import (
     DEFAULT_SAMPLES_PER_SHARD,
+    StoreError,
     StoreLayout,
     StorePlan,
     StoreWriter,
@@ -210,6 +211,8 @@ def _source_section(source: Source, cfg: EncodeConfig) -> dict:
         "fingerprint": source.fingerprint(),
         "num_items": len(source.items),
         "order": {"seed": cfg.order_seed, "granularity": "file" if source.kind == "imagefolder" else "row_group"},
+        # Files in class folders without an image extension: not samples, but never dropped unseen.
+        "ignored": list(source.ignored),
     }
 
 
@@ -241,6 +244,11 @@ def plan_encode(cfg: EncodeConfig, *, encoder=None, weights_info: dict | None = 
         raise EncodeError(
             f"{source.root}: {unlabelled} item(s) have no label (-1); a latent store needs a class for every "
             "image (the Hugging Face test split is unlabelled: encode train or validation)"
+        )
+    if source.ignored:
+        log.warning(
+            "%s: %d file(s) without an image extension are not encoded (listed in the spec's source.ignored): %s",
+            source.root, len(source.ignored), ", ".join(source.ignored[:5]) + (" ..." if len(source.ignored) > 5 else ""),
         )
     order = storage_order(source, cfg.order_seed)
     plan = StorePlan(
@@ -458,25 +466,34 @@ def _rows_with_holes(x: np.ndarray | None, ok: np.ndarray, encoder, logical_dtyp
     return full
 
 
+WRITE_FAILED = "writing shard"  # how a failed shard write starts its message (Ray Data retries those)
+
+
 def write_shard_row(row: dict, *, writer: StoreWriter) -> dict:
     """Write one encoded shard through the store writer; returns its counts for the driver."""
     meta = json.loads(row["meta"])
     dtype = writer.plan.layout.dtype
     ok = np.asarray(row["ok"], dtype=bool)
     flip = decode_latents(row["latents_flip"], dtype) if writer.plan.layout.flips else None
-    record = writer.write_shard(
-        int(row["shard"]),
-        latents=decode_latents(row["latents"], dtype),
-        latents_flip=flip,
-        labels=np.asarray(meta["labels"], dtype=np.int64),
-        valid=ok,
-        sample_ids=np.asarray(meta["ids"], dtype=np.int64),
-        samples=meta["samples"],
-        failures=meta["failures"],
-    )
+    shard = int(row["shard"])
+    try:
+        record = writer.write_shard(
+            shard,
+            latents=decode_latents(row["latents"], dtype),
+            latents_flip=flip,
+            labels=np.asarray(meta["labels"], dtype=np.int64),
+            valid=ok,
+            sample_ids=np.asarray(meta["ids"], dtype=np.int64),
+            samples=meta["samples"],
+            failures=meta["failures"],
+        )
+    except StoreError:
+        raise
+    except Exception as e:  # storage clients raise many types (OSError, botocore, aiohttp...)
+        raise StoreError(f"{WRITE_FAILED} {shard} of {writer.uri} failed: {type(e).__name__}: {e}") from e
     # The wall time the record landed: Ray Data hands results to the driver in batches, so the
     # driver's arrival times understate the first shard and overstate the steady-state rate.
-    return {"shard": int(row["shard"]), "images": len(ok), "num_valid": record["num_valid"],
+    return {"shard": shard, "images": len(ok), "num_valid": record["num_valid"],
             "num_failed": record["num_failed"], "written_at": time.time()}
 
 
@@ -557,7 +574,10 @@ def _run_pipeline(job: EncodeJob, encoder, pending: list[int], on_shard) -> dict
     actor_cfg = dataclasses.asdict(dataclasses.replace(cfg, encoder=job.encoder_name))
 
     ctx = ray.data.DataContext.get_current()
-    saved = ctx.enable_progress_bars
+    saved = ctx.enable_progress_bars, ctx.retried_map_errors, ctx.max_map_retries
+    # Writes are idempotent (same bytes, atomic objects): a shard write that fails on a flaky store
+    # is retried before the job gives up (and a rerun resumes anyway).
+    ctx.retried_map_errors, ctx.max_map_retries = [WRITE_FAILED], cfg.max_task_retries
     ctx.enable_progress_bars = False  # our own progress display replaces Ray Data's bars
     try:
         ds = ray.data.from_items([shard_descriptor(job, s) for s in pending], override_num_blocks=len(pending))
@@ -598,7 +618,7 @@ def _run_pipeline(job: EncodeJob, encoder, pending: list[int], on_shard) -> dict
         for counts in ds.iter_rows():
             on_shard(counts)
     finally:
-        ctx.enable_progress_bars = saved
+        ctx.enable_progress_bars, ctx.retried_map_errors, ctx.max_map_retries = saved
     return {
         "num_actors": res.num_actors,
         "threads_per_actor": res.threads,
