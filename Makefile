@@ -50,9 +50,15 @@ train-dit: install
 	$(BIN)/torchrun --nproc-per-node $(NPROC) $(TORCHRUN_ARGS) -m pipeline.cli train-dit \
 		--store $(STORE) --run-dir $(or $(RUN_DIR),runs/train-dit) --preset $(PRESET) $(TRAIN_ARGS)
 
+# Without STORE: the built-in sample data encoded by DINOv2-B with random weights (reused once made).
 fit-decoder: install
+	store="$(STORE)"; \
+	if [ -z "$$store" ]; then \
+		store=$$($(JOB_ENV) RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(RAE) encode --encoder dinov2 --weights random \
+			--out $(OUT)/sample --no-progress) || exit 1; \
+	fi; \
 	$(BIN)/torchrun --nproc-per-node $(NPROC) $(TORCHRUN_ARGS) -m pipeline.cli fit-decoder \
-		--store $(STORE) --run-dir $(or $(RUN_DIR),runs/fit-decoder) --preset $(PRESET) $(TRAIN_ARGS)
+		--store "$$store" --run-dir $(or $(RUN_DIR),runs/fit-decoder) --preset $(PRESET) $(TRAIN_ARGS)
 
 demo: install
 	$(JOB_ENV) RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pipeline.demo $(DEMO_ARGS)

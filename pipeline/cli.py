@@ -20,7 +20,9 @@ COMMAND_MODULES = [
     "pipeline.cli_encode",
     "pipeline.cli_interop",
     "pipeline.cli_train",
+    "pipeline.cli_decoder",
     "pipeline.cli_evaluate",
+    "pipeline.cli_sample",
 ]
 
 for _name in COMMAND_MODULES:

@@ -22,6 +22,9 @@ Each rank takes the rows its loader serves (``LatentLoader.global_rows``), and t
 to the model as ``force_drop_ids``. Hence a W-process run equals the 1-process run with the same
 global batch and ``data.num_streams``, and a resume continues exactly without saved RNG streams.
 
+The run directory, resume, logging, the loop itself, checkpoint writing and SIGTERM are the shared
+``trainer/loop.py`` (:class:`~trainer.loop.TrainLoop`), which ``fit-decoder`` uses as well.
+
 Checkpoints (``trainer/checkpoint.py``, format ``schemas/checkpoint_v1.py``): model and EMA weights,
 optimizer, LR scheduler and loader position, and meta with the resolved config, the store (id, URI,
 latent shape), the encoder identity, the statistics used (tensors in ``stats.safetensors``), step,
@@ -37,7 +40,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,24 +52,19 @@ from pipeline.config import ConfigError, from_dict, resolve_preset, to_dict
 from pipeline.store import LatentStore
 from schemas import store_v1
 from trainer import distributed
-from trainer.checkpoint import list_checkpoints, load_checkpoint, prune_checkpoints, read_meta, save_checkpoint
+from trainer.checkpoint import load_checkpoint, read_meta
 from trainer.data import LatentLoader, LatentNormalizer, LoaderConfig
 from trainer.flow import interpolate, sample_train_times, shift_alpha, velocity_target
+from trainer.loop import CONFIG_FILE, TrainError, TrainLoop, store_meta
 from trainer.models import model_meta
 from trainer.models.dit import MODEL_SIZES, DiTConfig, build_model, count_parameters, dit_config
 from trainer.optim import EMA, DiTLRSchedule, build_adamw, build_lr_scheduler, check_finite, clip_grad_norm
-from trainer.runlog import RunLogger, SigtermHandler, StepTimer
 
 CHECKPOINT_KIND = "dit"
-CONFIG_FILE = "config.json"
 DEBUG_DIR = "debug"  # per-rank batch records (train.debug_record_batches)
 TIME_DISTS = ("logit_normal", "uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
 _SEED_TAG = 0x44695454  # mixed into every step seed so they differ from other users of train.seed
-
-
-class TrainError(ValueError):
-    """Inputs the trainer refuses (store, run directory, --init-from, statistics); says which and why."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,16 +309,6 @@ def requested_normalizer(store: LatentStore, stats: str | None, storage_options:
     return norm
 
 
-def newest_checkpoint(run_dir: str, storage_options: dict | None = None) -> str | None:
-    """URI of the newest complete checkpoint of ``run_dir``, None when it has none."""
-    complete = [e.uri for e in list_checkpoints(run_dir, storage_options) if e.complete]
-    return complete[-1] if complete else None
-
-
-def _store_meta(store: LatentStore) -> dict:
-    return {"store_id": store.store_id, "uri": store.uri, "latent_shape": list(store.latent_shape)}
-
-
 def _checkpoint_latent_shape(meta) -> tuple[int, ...] | None:
     """[C, H, W] a checkpoint was trained on: its store's, else its DiT config's; None if unknown."""
     if meta.store and meta.store.get("latent_shape"):
@@ -329,19 +317,6 @@ def _checkpoint_latent_shape(meta) -> tuple[int, ...] | None:
     if "in_channels" in conf and "input_size" in conf:
         return (int(conf["in_channels"]), int(conf["input_size"]), int(conf["input_size"]))
     return None
-
-
-def check_resume(meta, store: LatentStore, run_dir: str) -> None:
-    """Resuming needs a DiT checkpoint of the same store."""
-    if meta.kind != CHECKPOINT_KIND:
-        raise TrainError(f"run directory {run_dir} holds {meta.kind!r} checkpoints, not {CHECKPOINT_KIND!r} ones")
-    saved = (meta.store or {}).get("store_id")
-    if saved != store.store_id:
-        raise TrainError(
-            f"run directory {run_dir} was trained on store {saved} ({(meta.store or {}).get('uri')}); "
-            f"--store {store.uri} is store {store.store_id}. Resuming needs the same store: pass that store, "
-            "or use a new --run-dir (with --init-from to fine-tune on this store)"
-        )
 
 
 def check_init_from(meta, uri: str, store: LatentStore, model_cfg: DiTConfig, model_class: str) -> None:
@@ -369,20 +344,6 @@ def check_init_from(meta, uri: str, store: LatentStore, model_cfg: DiTConfig, mo
             f"--init-from {uri} is a {meta.model.get('class')} that differs from the configured {model_class}"
             f"{' (' + detail + ')' if detail else ''}: pick the preset of that model or set model.* to match"
         )
-
-
-@contextlib.contextmanager
-def _float32_matmul_precision(device: torch.device, tf32: bool):
-    """TF32 float32 matmuls on CUDA while training; the previous setting is restored."""
-    if device.type != "cuda" or not tf32:
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
 
 
 class _BatchRecorder:
@@ -421,17 +382,18 @@ class TrainResult:
     total_steps: int
 
 
-class DiTTrainer:
-    """One training run of a DiT^DH / DiT on a latent store. Build it, then call :meth:`train`."""
+class DiTTrainer(TrainLoop):
+    """One training run of a DiT^DH / DiT on a latent store. Build it, then call :meth:`train`
+    (the loop, logging and checkpoint writing are :class:`~trainer.loop.TrainLoop`'s)."""
+
+    KIND = CHECKPOINT_KIND
+    STAGE = "train-dit"
 
     def __init__(self, cfg: TrainDiTConfig, store: str, run_dir: str, *, init_from: str | None = None,
                  stats: str | None = None, storage_options: dict | None = None,
                  dist_info: distributed.DistInfo | None = None):
         check_config(cfg)
-        self.cfg, self.so = cfg, storage_options
-        self.dist = dist_info or distributed.init_distributed()
-        self.device = self.dist.device
-        self.run_dir = uri_lib.normalize(run_dir)
+        self._init_run(cfg, run_dir, storage_options, dist_info)
         self.store = open_store(store, storage_options)
         self.latent_shape = tuple(self.store.latent_shape)
         self._check_batch_split()
@@ -449,12 +411,9 @@ class DiTTrainer:
         self._build_optimizer(ckpt)
         self.rows = self.loader.global_rows  # after the loader state: the saved stream count decides them
         self.autocast_dtype = self._autocast_dtype()
-        self.logger = RunLogger(self.run_dir, self.dist.is_main, resume_step=self.step,
-                                tensorboard=cfg.train.tensorboard, storage_options=storage_options)
         self.recorder = _BatchRecorder(self.run_dir, self.dist.rank) if cfg.train.debug_record_batches else None
-        self.last_saved = self.step if self.resumed_from else None
-        self._write_config()
-        self._announce(init_from)
+        self._start_logging()
+        self._announce_init_from(init_from)
 
     # -- setup steps
     def _check_batch_split(self) -> None:
@@ -479,10 +438,9 @@ class DiTTrainer:
         """The run directory's newest complete checkpoint (resume: same store, with its training
         state), else --init-from's (weights only, checked against the store and the model), else None."""
         self.step, self.resumed_from, self.init_from = 0, None, None
-        resume_uri = newest_checkpoint(self.run_dir, self.so)
+        resume_uri = self.resume_checkpoint(self.store)
         if resume_uri is None:
             return self._load_init_from(init_from) if init_from else None
-        check_resume(read_meta(resume_uri, self.so), self.store, self.run_dir)
         ckpt = load_checkpoint(resume_uri, map_location=self.device, storage_options=self.so)
         if not ckpt.train_state or not {"optimizer", "scheduler", "data"} <= set(ckpt.train_state):
             raise TrainError(f"checkpoint {resume_uri} has no optimizer/scheduler/data state to resume from; "
@@ -537,68 +495,52 @@ class DiTTrainer:
             return torch.bfloat16
         return None
 
-    def _write_config(self) -> None:
-        if not self.dist.is_main:
-            return
-        path = uri_lib.join(self.run_dir, CONFIG_FILE)
-        new = json.loads(json.dumps(to_dict(self.cfg)))
-        if self.resumed_from and uri_lib.exists(path, self.so):
-            old = uri_lib.read_json(path, self.so)
-            changed = sorted(_diff_keys(old, new))
-            if changed:
-                self.logger.info(f"config changed since the last run: {', '.join(changed)}")
-        uri_lib.write_json(path, new, self.so)
-
-    def _announce(self, init_from: str | None) -> None:
+    def describe_run(self) -> str:
         c, h, w = self.latent_shape
         B, W, A = self.cfg.data.global_batch, self.dist.world_size, self.cfg.train.grad_accum_steps
-        self.logger.info(
+        return (
             f"train-dit: store {self.store.store_id} ({c}x{h}x{w}, {self.loader.num_valid} valid samples), "
             f"{type(self.model).__name__} {count_parameters(self.model) / 1e6:.2f}M parameters, "
             f"world size {W}, global batch {B} = {W} x {A} x {B // (W * A)}, shift alpha {self.alpha:.4f}, "
             f"{self.total_steps} steps ({self.total_steps * B / self.loader.num_valid:.2f} epochs), "
             f"device {self.device}, autocast {self.autocast_dtype or 'off'}"
         )
+
+    def _announce_init_from(self, init_from: str | None) -> None:
         if self.resumed_from:
-            self.logger.info(f"resuming from checkpoint {self.resumed_from} at step {self.step} "
-                             f"(epoch {self.loader.epoch:.3f}, {self.loader.samples_seen} samples seen)")
             if init_from:
                 self.logger.info(f"--init-from {init_from} ignored: the run directory already has checkpoints")
         elif self.init_from:
             self.logger.info(f"initialized from {self.init_from} (weights and EMA; fresh optimizer and schedule)")
 
-    # -- the loop
-    def train(self) -> TrainResult:
-        """Steps until ``total_steps`` (or a SIGTERM on any rank), logging and checkpointing on the way."""
-        stopped_by, timer, window = "end", StepTimer(), []
-        if self.step >= self.total_steps:
-            self.logger.info(f"step {self.step} is already at the {self.total_steps} steps to train: nothing to do")
-        try:
-            with SigtermHandler() as sigterm, _float32_matmul_precision(self.device, self.cfg.train.tf32):
-                self.train_model.train()
-                if self.cfg.train.progress:
-                    self.logger.start_progress(self.total_steps, self.step)
-                batches = timer.iterate(self.loader)
-                while self.step < self.total_steps:
-                    x, y = next(batches)
-                    self.step += 1
-                    window.append(self.train_step(x, y))
-                    timer.end_step(self.cfg.data.global_batch)
-                    stop = distributed.all_reduce_any(sigterm.requested, self.device)  # every rank stops together
-                    window = self.report(window, timer, force=stop)
-                    if stop:
-                        stopped_by = "sigterm"
-                        self.logger.info(f"SIGTERM: saving a checkpoint at step {self.step} and stopping")
-                    if stop or self.step % self.cfg.train.ckpt_every == 0 or self.step == self.total_steps:
-                        self.save()
-                    if stop:
-                        break
-            distributed.barrier()
-        finally:
-            self.close()
+    # -- what the shared loop asks for
+    @property
+    def samples_seen(self) -> int:
+        return self.loader.samples_seen
+
+    @property
+    def epoch(self) -> float:
+        return self.loader.epoch
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.data.global_batch
+
+    def batches(self):
+        return self.loader
+
+    def on_train_start(self) -> None:
+        self.train_model.train()
+
+    def run_step(self, batch) -> dict[str, float]:
+        x, y = batch
+        return self.train_step(x, y)
+
+    def result(self, stopped_by: str) -> TrainResult:
         return TrainResult(self.step, self.loader.samples_seen, self.checkpoint_uri(), self.resumed_from,
                            stopped_by, self.alpha, self.total_steps)
 
+    # -- one step
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
         """One optimizer step on this rank's part (x (B/W, C, H, W) normalized, y (B/W,)) of the global batch."""
         rnd = step_randomness(self.cfg.train.seed, self.step, self.rows, self.cfg.data.global_batch,
@@ -639,25 +581,7 @@ class DiTTrainer:
             total += loss.detach()
         return total / A
 
-    # -- reporting and checkpoints
-    def report(self, window: list[dict], timer: StepTimer, force: bool = False) -> list[dict]:
-        """Move the progress bar; every ``log_every`` steps (and at the end) log the window's means and
-        rates. Returns the window still to be logged."""
-        self.logger.progress(self.step)
-        if not (force or self.step % self.cfg.train.log_every == 0 or self.step == self.total_steps):
-            return window
-        rates = timer.pop()
-        self.logger.log(self.step, {
-            "loss": sum(m["loss"] for m in window) / len(window),
-            "grad_norm": sum(m["grad_norm"] for m in window) / len(window),
-            "lr": window[-1]["lr"],
-            "samples_per_s": rates["samples_per_s"],
-            "steps_per_s": rates["steps_per_s"],
-            "data_wait_frac": rates["data_wait_frac"],
-            "epoch": self.loader.epoch,
-        })
-        return []
-
+    # -- checkpoints
     def checkpoint_meta(self) -> dict:
         return {
             "kind": CHECKPOINT_KIND,
@@ -665,7 +589,7 @@ class DiTTrainer:
             "samples_seen": self.loader.samples_seen,
             "config": json.loads(json.dumps(to_dict(self.cfg))),
             "model": model_meta(self.model),
-            "store": _store_meta(self.store),
+            "store": store_meta(self.store),
             "encoder": store_v1.encoder_identity(self.store.spec),
             "statistics": self.normalizer.describe(),
             "data_state": self.loader.state_dict(),
@@ -673,39 +597,17 @@ class DiTTrainer:
                       "total_steps": self.total_steps, "init_from": self.init_from},
         }
 
-    def save(self) -> None:
-        """Checkpoint the current step (rank 0 writes; others go on), prune, redraw the loss curve."""
-        self.last_saved = self.step
-        if not self.dist.is_main:
-            return
+    def checkpoint_payload(self) -> dict:
         train_state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                        "data": self.loader.state_dict()}
-        stats = self.normalizer.as_tensors() or None
-        uri = save_checkpoint(self.run_dir, self.step, model_state=self.model, ema_state=self.ema.state_dict(),
-                              train_state=train_state, meta=self.checkpoint_meta(), stats=stats,
-                              storage_options=self.so)
-        prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self.cfg.train.keep_every, self.so)
-        self.logger.flush()
-        self.logger.plot_loss_curve()
-        self.logger.info(f"saved checkpoint {uri}")
-
-    def checkpoint_uri(self) -> str | None:
-        return newest_checkpoint(self.run_dir, self.so) if self.dist.is_main else None
+        return dict(model_state=self.model, ema_state=self.ema.state_dict(), train_state=train_state,
+                    meta=self.checkpoint_meta(), stats=self.normalizer.as_tensors() or None)
 
     def close(self) -> None:
         self.loader.close()
         if self.recorder is not None:
             self.recorder.close()
-        self.logger.close()
-
-
-def _diff_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff_keys(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [prefix.rstrip(".")]
+        super().close()
 
 
 def train_dit(cfg: TrainDiTConfig, store: str, run_dir: str, *, init_from: str | None = None,

@@ -1,0 +1,85 @@
+"""``rae-pipeline fit-decoder`` (``trainer/fit_decoder.py``) and ``rae-pipeline reconstruct``
+(``trainer/reconstruct.py``).
+
+``fit-decoder`` runs directly (one process) or under ``torchrun`` (one process per device: gloo on
+CPU, NCCL on CUDA), e.g. ``make fit-decoder STORE=... NPROC=8``. Progress and messages go to
+stdout on rank 0; errors of the user's inputs end a command with exit code 1 and a one-line message.
+"""
+from __future__ import annotations
+
+import json
+from typing import List, Optional
+
+import typer
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe the user's inputs (config, store, run directory, checkpoint, source
+    images, weights): a message, no traceback. A non-finite loss is reported the same way."""
+    from pipeline.config import ConfigError
+    from pipeline.encoders import EncoderWeightsError, HubWeightsUnavailableError
+    from pipeline.store import StoreError
+    from schemas.checkpoint_v1 import CheckpointMetaError
+    from schemas.store_v1 import StoreSpecError
+    from trainer.checkpoint import CheckpointError
+    from trainer.decoder_data import DecoderDataError, SourceMismatchError
+    from trainer.loop import TrainError
+    from trainer.models import UnknownModelError
+    from trainer.optim import NonFiniteLossError
+    from trainer.reconstruct import ReconstructError
+
+    return (ConfigError, StoreError, StoreSpecError, CheckpointError, CheckpointMetaError, TrainError,
+            UnknownModelError, NonFiniteLossError, DecoderDataError, SourceMismatchError, ReconstructError,
+            EncoderWeightsError, HubWeightsUnavailableError, FileNotFoundError)
+
+
+def fit_decoder_command(
+    store: str = typer.Option(..., "--store", help="Latent store whose latents (and source images) to train on."),
+    run_dir: str = typer.Option(..., "--run-dir", help="Run directory (path or URI); an existing one resumes."),
+    preset: str = typer.Option(..., "--preset", help="Named config: decoder_{b,l,xl}_dinov2, debug."),
+    overrides: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a config value, e.g. --set data.mode=encode_on_the_fly (repeatable)."),
+    print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
+) -> None:
+    """Train the RAE pixel decoder (L1 + LPIPS + adaptive GAN, EMA) on a store; resume a run directory."""
+    try:
+        from pipeline.config import to_dict
+        from trainer.fit_decoder import fit_decoder, resolve_config
+
+        cfg = resolve_config(preset, overrides or [])
+        if print_config:
+            typer.echo(json.dumps(to_dict(cfg), indent=1))
+            return
+        result = fit_decoder(cfg, store, run_dir)
+    except _user_errors() as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    if result.checkpoint is not None:  # rank 0
+        typer.echo(f"trained to step {result.step} ({result.stopped_by}); checkpoint {result.checkpoint}")
+
+
+def reconstruct_command(
+    decoder_ckpt: str = typer.Option(..., "--decoder-ckpt", help="Decoder checkpoint, or a fit-decoder run directory "
+                                     "(its newest checkpoint)."),
+    store: str = typer.Option(..., "--store", help="Latent store to reconstruct (its encoder must be the decoder's)."),
+    out: str = typer.Option(..., "--out", help="PNG grid to write (path or URI); a JSON summary goes beside it."),
+    num: int = typer.Option(8, "--num", help="Images: the store's first N valid rows."),
+    raw_weights: bool = typer.Option(False, "--raw-weights", help="Use the trained weights instead of the EMA."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+) -> None:
+    """Write a grid of originals beside their reconstructions; print PSNR and SSIM (and the JSON summary)."""
+    try:
+        from trainer.reconstruct import reconstruct
+
+        result = reconstruct(decoder_ckpt, store, out, num=num, use_ema=not raw_weights, device=device)
+    except _user_errors() as e:
+        typer.echo(f"Error: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} over {result['num']} images "
+               f"({result['weights']} weights, step {result['step']}); grid {result['grid']}")
+    typer.echo(json.dumps(result))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fit-decoder")(fit_decoder_command)
+    app.command("reconstruct")(reconstruct_command)
