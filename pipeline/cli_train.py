@@ -41,6 +41,9 @@ def train_dit_command(
     stats: Optional[str] = typer.Option(
         None, "--stats", help="Normalize with this statistics file (.safetensors, .npz or the reference stat.pt) "
         "instead of the store's statistics."),
+    preview_decoder: Optional[str] = typer.Option(
+        None, "--preview-decoder", help="Decoder checkpoint: write a sample grid (EMA weights) to "
+        "<run-dir>/previews/ at each checkpoint, or every train.preview_every steps."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
     """Train DiT^DH (or plain DiT) with flow matching on a store's normalized latents; resume a run directory."""
@@ -52,7 +55,7 @@ def train_dit_command(
         if print_config:
             typer.echo(json.dumps(to_dict(cfg), indent=1))
             return
-        result = train_dit(cfg, store, run_dir, init_from=init_from, stats=stats)
+        result = train_dit(cfg, store, run_dir, init_from=init_from, stats=stats, preview_decoder=preview_decoder)
     except _user_errors() as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None

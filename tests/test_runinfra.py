@@ -409,3 +409,17 @@ def test_sigterm_handler_in_process():
         time.sleep(0.01)  # the handler runs at the next bytecode boundary
         assert stop.requested and stop.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_loss_curve_smoothing_is_debiased_and_sized_to_the_curve():
+    from trainer.runlog import _smooth
+
+    # A constant curve stays constant from its first point (no pull toward 0 or the first value).
+    assert _smooth([2.0] * 20) == pytest.approx([2.0] * 20)
+    # A short falling curve: the smoothed line tracks it within a few points, never above the start.
+    values = [10.0 - i * 0.5 for i in range(20)]
+    smoothed = _smooth(values)
+    assert smoothed[0] == 10.0 and smoothed[-1] < values[-5]
+    # Non-finite values are skipped; leading ones give NaN.
+    s = _smooth([float("nan"), 1.0, float("inf"), 1.0])
+    assert s[0] != s[0] and s[1:] == pytest.approx([1.0, 1.0, 1.0])

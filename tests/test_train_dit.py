@@ -532,3 +532,49 @@ def test_stats_file_is_used_recorded_and_required_on_resume(store, tmp_path):
     with pytest.raises(TrainError, match=f"statistics from file:{stat}; this run would use store"):
         DiTTrainer(_cfg("train.max_steps=2", "data.global_batch=8"), store.uri, str(run))
     assert _train(_cfg("train.max_steps=2", "data.global_batch=8"), store, run, stats=str(stat)).step == 2
+
+
+def _decoder_ckpt(run_dir, encoder=None, in_channels=SHAPE[0]) -> str:
+    """A tiny decoder of `store`'s 8x4x4 latents (4x4 patches: 16x16 px)."""
+    from trainer.checkpoint import save_checkpoint
+    from trainer.models.decoder import RAEDecoder, decoder_config
+
+    torch.manual_seed(3)
+    model = RAEDecoder(decoder_config("decoder_tiny", in_channels=in_channels, num_tokens=SHAPE[1] * SHAPE[2],
+                                      patch_size=4))
+    meta = {"kind": "decoder", "epoch": 1.0, "samples_seen": 16, "config": {"preset": "test"},
+            "model": model_meta(model), "store": None, "encoder": encoder, "statistics": None}
+    return save_checkpoint(str(run_dir), 1, model_state=model, ema_state=model.state_dict(), meta=meta)
+
+
+def test_preview_grids_with_a_decoder(store, tmp_path):
+    """--preview-decoder: a grid at each checkpoint (or every train.preview_every steps and at the
+    end), equal to what `sample` makes of that step's checkpoint (EMA, equal labels, the seed's noise)."""
+    from PIL import Image
+
+    from pipeline.cli import app
+    from trainer.sample import SampleConfig, SamplingJob, image_grid, load_decoder, load_dit, sample_labels
+
+    decoder = _decoder_ckpt(tmp_path / "decoder")
+    run = tmp_path / "run"
+    out = CliRunner().invoke(app, [
+        "train-dit", "--store", store.uri, "--run-dir", str(run), "--preset", "debug", "--preview-decoder", decoder,
+        *[a for kv in [*QUIET, "train.max_steps=4", "train.ckpt_every=2", "train.preview_num=6",
+                       "train.preview_steps=5"] for a in ("--set", kv)]])
+    assert out.exit_code == 0, out.output
+    assert sorted(os.listdir(run / "previews")) == ["step-0000002.png", "step-0000004.png"]
+    shown = np.asarray(Image.open(run / "previews" / "step-0000004.png").convert("RGB"))
+    dit, dec = load_dit(str(run)), load_decoder(decoder)
+    labels = sample_labels("equal", 6, store.spec["classes"]["num_classes"])
+    job = SamplingJob(SampleConfig(num=6, steps=5, seed=0), dit, dec, None, labels, torch.device("cpu"))
+    expected = image_grid(job.sample_indices(range(6)))
+    assert shown.shape == expected.shape and np.abs(shown.astype(int) - expected).max() <= 1
+
+    run2 = tmp_path / "run2"
+    _train(_cfg("train.max_steps=4", "train.ckpt_every=10", "train.preview_every=3", "train.preview_num=2",
+                "train.preview_steps=3"), store, run2, preview_decoder=decoder)
+    assert sorted(os.listdir(run2 / "previews")) == ["step-0000003.png", "step-0000004.png"]
+
+    other = _decoder_ckpt(tmp_path / "other", in_channels=4)
+    with pytest.raises(TrainError, match="--preview-decoder: decoder .* reads 4 x 4 x 4 latents; store .* 8 x 4 x 4"):
+        DiTTrainer(_cfg(), store.uri, str(tmp_path / "run3"), preview_decoder=other)

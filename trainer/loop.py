@@ -181,6 +181,9 @@ class TrainLoop:
     def after_save(self, uri: str) -> None:
         """Rank 0, after each checkpoint (e.g. a reconstruction grid)."""
 
+    def after_step(self) -> None:
+        """Every rank, after each step's logging and checkpoint (e.g. a preview grid every N steps)."""
+
     def result(self, stopped_by: str):
         raise NotImplementedError
 
@@ -228,6 +231,7 @@ class TrainLoop:
                         self.logger.info(f"SIGTERM: saving a checkpoint at step {self.step} and stopping")
                     if stop or self.step % t.ckpt_every == 0 or self.step == self.total_steps:
                         self.save()
+                    self.after_step()
                     if stop:
                         break
             distributed.barrier()

@@ -223,13 +223,16 @@ class RunLogger:
         self.close()
 
 
-def _smooth(values: list[float], weight: float) -> list[float]:
-    """TensorBoard-style exponential smoothing, skipping non-finite values."""
-    out, last = [], None
+def _smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """TensorBoard-style debiased exponential smoothing, skipping non-finite values. ``weight``
+    defaults to a window of about a tenth of the curve (0.5 for 20 points, at most 0.99)."""
+    if weight is None:
+        weight = min(0.99, max(0.0, 1.0 - 10.0 / max(len(values), 1)))
+    out, acc, n = [], 0.0, 0
     for v in values:
         if math.isfinite(v):
-            last = v if last is None else weight * last + (1 - weight) * v
-        out.append(last if last is not None else float("nan"))
+            acc, n = weight * acc + (1 - weight) * v, n + 1
+        out.append(acc / (1 - weight**n) if n else float("nan"))
     return out
 
 
@@ -244,7 +247,7 @@ def _loss_curve_png(loss: list[tuple[int, float]], lr: list[tuple[int, float]]) 
     ax = axes[0]
     ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
     if len(values) > 10:
-        ax.plot(steps, _smooth(list(values), 0.9), color="tab:blue", linewidth=1.5, label="smoothed")
+        ax.plot(steps, _smooth(list(values)), color="tab:blue", linewidth=1.5, label="smoothed")
     finite = [v for v in values if math.isfinite(v) and v > 0]
     if finite and max(finite) / min(finite) > 20:
         ax.set_yscale("log")

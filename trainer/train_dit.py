@@ -61,6 +61,7 @@ from trainer.models.dit import MODEL_SIZES, DiTConfig, build_model, count_parame
 from trainer.optim import EMA, DiTLRSchedule, build_adamw, build_lr_scheduler, check_finite, clip_grad_norm
 
 CHECKPOINT_KIND = "dit"
+PREVIEW_DIR = "previews"  # preview grids (--preview-decoder): previews/step-NNNNNNN.png
 DEBUG_DIR = "debug"  # per-rank batch records (train.debug_record_batches)
 TIME_DISTS = ("logit_normal", "uniform")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -124,6 +125,9 @@ class TrainSection:
     seed: int = 0  # model init and per-step randomness (noise, times, class dropout)
     progress: bool = True  # progress bar on rank 0
     tensorboard: bool = True  # TensorBoard scalars under <run_dir>/logs/tensorboard
+    preview_every: int = 0  # with a preview decoder: steps between preview grids (0: at each checkpoint; also at the end)
+    preview_num: int = 16  # images in a preview grid (classes spread evenly; the same noise every time)
+    preview_steps: int = 50  # time points of the preview's Euler sampler (the reference grid)
     debug_nan_at_step: int | None = None  # test hook: make the loss of this step NaN
     debug_record_batches: bool = False  # test hook: each rank appends its batches to <run_dir>/debug/batches-rank<r>.jsonl
 
@@ -199,6 +203,9 @@ def check_config(cfg: TrainDiTConfig) -> None:
             raise ConfigError(f"{key} {value!r} is not one of {list(allowed)}")
     if t.max_steps is None and t.epochs is None:
         raise ConfigError("set train.max_steps or train.epochs (both: whichever comes first)")
+    if t.preview_every < 0 or t.preview_num < 1 or t.preview_steps < 2:
+        raise ConfigError(f"train.preview_every must be >= 0, train.preview_num >= 1 and train.preview_steps >= 2; "
+                          f"got {t.preview_every}, {t.preview_num}, {t.preview_steps}")
     positive = {"train.max_steps": t.max_steps, "train.epochs": t.epochs, "train.grad_accum_steps": t.grad_accum_steps,
                 "train.log_every": t.log_every, "train.ckpt_every": t.ckpt_every, "train.keep_last": t.keep_last,
                 "optim.lr": o.lr, "optim.final_lr": o.final_lr, "flow.shift_base": f.shift_base,
@@ -390,7 +397,7 @@ class DiTTrainer(TrainLoop):
     STAGE = "train-dit"
 
     def __init__(self, cfg: TrainDiTConfig, store: str, run_dir: str, *, init_from: str | None = None,
-                 stats: str | None = None, storage_options: dict | None = None,
+                 stats: str | None = None, preview_decoder: str | None = None, storage_options: dict | None = None,
                  dist_info: distributed.DistInfo | None = None):
         check_config(cfg)
         self._init_run(cfg, run_dir, storage_options, dist_info)
@@ -412,6 +419,7 @@ class DiTTrainer(TrainLoop):
         self.rows = self.loader.global_rows  # after the loader state: the saved stream count decides them
         self.autocast_dtype = self._autocast_dtype()
         self.recorder = _BatchRecorder(self.run_dir, self.dist.rank) if cfg.train.debug_record_batches else None
+        self.preview_decoder = self._load_preview_decoder(preview_decoder)
         self._start_logging()
         self._announce_init_from(init_from)
 
@@ -505,6 +513,45 @@ class DiTTrainer(TrainLoop):
             f"{self.total_steps} steps ({self.total_steps * B / self.loader.num_valid:.2f} epochs), "
             f"device {self.device}, autocast {self.autocast_dtype or 'off'}"
         )
+
+    def _load_preview_decoder(self, uri: str | None):
+        """The decoder of the preview grids, checked against the store (every rank checks, so a bad
+        one fails the whole group at once; rank 0 keeps it)."""
+        if uri is None:
+            return None
+        from trainer.sample import SampleError, check_decoder_reads, load_decoder
+
+        try:
+            decoder = load_decoder(uri, device=self.device, storage_options=self.so)
+            check_decoder_reads(decoder, self.latent_shape, f"store {self.store.uri}",
+                                store_v1.encoder_identity(self.store.spec))
+        except SampleError as e:
+            raise TrainError(f"--preview-decoder: {e}") from None
+        return decoder if self.dist.is_main else None
+
+    def write_preview(self) -> str:
+        """Sample ``train.preview_num`` images with the EMA weights (Euler, reference grid, no
+        guidance, the same noise every time), decode them and write ``previews/step-NNNNNNN.png``."""
+        from trainer.sample import sample_labels, write_preview_grid
+
+        t = self.cfg.train
+        out = uri_lib.join(self.run_dir, PREVIEW_DIR, f"step-{self.step:07d}.png")
+        labels = sample_labels("equal", t.preview_num, self.model_cfg.num_classes)
+        write_preview_grid(self.model, self.preview_decoder, self.normalizer, self.alpha, labels.tolist(), out,
+                           steps=t.preview_steps, seed=t.seed, ema_state=self.ema.state_dict(),
+                           autocast_dtype=self.autocast_dtype, storage_options=self.so)
+        return out
+
+    def after_save(self, uri: str) -> None:
+        if self.preview_decoder is not None and self.cfg.train.preview_every == 0:
+            self.logger.info(f"preview grid {self.write_preview()}")
+
+    def after_step(self) -> None:
+        every = self.cfg.train.preview_every
+        if self.preview_decoder is None or every == 0 or not self.dist.is_main:
+            return
+        if self.step % every == 0 or self.step == self.total_steps:
+            self.logger.info(f"preview grid {self.write_preview()}")
 
     def _announce_init_from(self, init_from: str | None) -> None:
         if self.resumed_from:
@@ -611,13 +658,14 @@ class DiTTrainer(TrainLoop):
 
 
 def train_dit(cfg: TrainDiTConfig, store: str, run_dir: str, *, init_from: str | None = None,
-              stats: str | None = None, storage_options: dict | None = None) -> TrainResult:
+              stats: str | None = None, preview_decoder: str | None = None,
+              storage_options: dict | None = None) -> TrainResult:
     """Train (or resume) in this process: joins the torchrun process group when launched by torchrun
     (gloo on CPU, NCCL on CUDA) and leaves it at the end if it joined it."""
     joined = not torch.distributed.is_initialized()
     info = distributed.init_distributed()
     try:
-        trainer = DiTTrainer(cfg, store, run_dir, init_from=init_from, stats=stats,
+        trainer = DiTTrainer(cfg, store, run_dir, init_from=init_from, stats=stats, preview_decoder=preview_decoder,
                              storage_options=storage_options, dist_info=info)
         return trainer.train()
     finally:
