@@ -21,6 +21,12 @@ PRESET ?= debug
 NPROC ?= 1
 TRAIN_ARGS ?=
 TORCHRUN_ARGS ?=
+# sample
+DIT ?=
+DECODER ?=
+SAMPLE_OUT ?= runs/samples
+NUM ?= 64
+SAMPLE_ARGS ?=
 
 # Local-only defaults for tests: Ray stays on loopback, no auth token files, DDP on loopback,
 # model hubs never contacted.
@@ -29,7 +35,7 @@ TEST_ENV := RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_USAGE
 	PYTHONHASHSEED=0
 JOB_ENV := RAY_USAGE_STATS_ENABLED=0
 
-.PHONY: install test encode train-dit fit-decoder demo bench drills sample-data clean
+.PHONY: install test encode train-dit fit-decoder sample demo bench drills sample-data clean
 
 install: $(BIN)/rae-pipeline
 
@@ -59,6 +65,11 @@ fit-decoder: install
 	fi; \
 	$(BIN)/torchrun --nproc-per-node $(NPROC) $(TORCHRUN_ARGS) -m pipeline.cli fit-decoder \
 		--store "$$store" --run-dir $(or $(RUN_DIR),runs/fit-decoder) --preset $(PRESET) $(TRAIN_ARGS)
+
+# --num-samples, not --num: torchrun's own parser would take --num as an abbreviation of --nnodes.
+sample: install
+	$(BIN)/torchrun --nproc-per-node $(NPROC) $(TORCHRUN_ARGS) -m pipeline.cli sample \
+		--dit-ckpt $(DIT) --decoder-ckpt $(DECODER) --out $(SAMPLE_OUT) --num-samples $(NUM) $(SAMPLE_ARGS)
 
 demo: install
 	$(JOB_ENV) RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pipeline.demo $(DEMO_ARGS)
