@@ -17,7 +17,6 @@ model on the bench's loader store (768x16x16 float16) with 1 and 2 DataLoader wo
 """
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
 import shutil
@@ -197,21 +196,6 @@ def _dist_info(device: str):
     return DistInfo(0, 1, 0, dev, None)
 
 
-@contextlib.contextmanager
-def _training_precision(trainer):
-    """What ``DiTTrainer.train()`` sets around its loop: TF32 float32 matmuls on CUDA when
-    ``train.tf32`` (restored after); nothing on the CPU."""
-    if trainer.device.type != "cuda" or not trainer.cfg.train.tf32:
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 def _fresh_dir(path: str) -> str:
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
@@ -299,7 +283,7 @@ def measure_cache_speedup(ctx: BenchContext, spec: dict, store_uri: str, files: 
         reference = reference_batches(reference_loader(dataset, B, W, device), encoder, trainer.normalizer, device,
                                       trainer.autocast_dtype)
         waits = {"cached": [0.0], "reference": [0.0]}
-        with _training_precision(trainer):
+        with trainer.train_context():  # what DiTTrainer.train() sets around its loop
             trainer.train_model.train()
             t0 = time.perf_counter()
             _step_side(trainer, cached, 0.0, [0.0])

@@ -42,20 +42,11 @@ def fit_decoder_command(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
     """Train the RAE pixel decoder (L1 + LPIPS + adaptive GAN, EMA) on a store; resume a run directory."""
-    try:
-        from pipeline.config import to_dict
-        from trainer.fit_decoder import fit_decoder, resolve_config
+    from pipeline.cli_train import run_training_command
+    from trainer.fit_decoder import fit_decoder, resolve_config
 
-        cfg = resolve_config(preset, overrides or [])
-        if print_config:
-            typer.echo(json.dumps(to_dict(cfg), indent=1))
-            return
-        result = fit_decoder(cfg, store, run_dir)
-    except _user_errors() as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1) from None
-    if result.checkpoint is not None:  # rank 0
-        typer.echo(f"trained to step {result.step} ({result.stopped_by}); checkpoint {result.checkpoint}")
+    run_training_command(resolve_config, preset, overrides, print_config, _user_errors,
+                         lambda cfg: fit_decoder(cfg, store, run_dir))
 
 
 def reconstruct_command(

@@ -7,7 +7,7 @@ errors of the user's inputs end the command with exit code 1 and a one-line mess
 from __future__ import annotations
 
 import json
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -47,16 +47,27 @@ def train_dit_command(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
     """Train DiT^DH (or plain DiT) with flow matching on a store's normalized latents; resume a run directory."""
+    from trainer.train_dit import resolve_config, train_dit
+
+    run_training_command(
+        resolve_config, preset, overrides, print_config, _user_errors,
+        lambda cfg: train_dit(cfg, store, run_dir, init_from=init_from, stats=stats, preview_decoder=preview_decoder),
+    )
+
+
+def run_training_command(resolve_config: Callable, preset: str, overrides: Optional[List[str]], print_config: bool,
+                         user_errors: Callable[[], tuple[type[BaseException], ...]], train: Callable) -> None:
+    """What train-dit and fit-decoder do with their options: resolve the preset and overrides, print
+    the config (``--print-config``) or train; the user's errors become one line and exit code 1."""
     try:
         from pipeline.config import to_dict
-        from trainer.train_dit import resolve_config, train_dit
 
         cfg = resolve_config(preset, overrides or [])
         if print_config:
             typer.echo(json.dumps(to_dict(cfg), indent=1))
             return
-        result = train_dit(cfg, store, run_dir, init_from=init_from, stats=stats, preview_decoder=preview_decoder)
-    except _user_errors() as e:
+        result = train(cfg)
+    except user_errors() as e:
         typer.echo(f"Error: {e}", err=True)
         raise typer.Exit(1) from None
     if result.checkpoint is not None:  # rank 0

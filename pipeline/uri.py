@@ -9,7 +9,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -56,29 +56,39 @@ def read_json(uri: str, storage_options: dict | None = None) -> Any:
     return json.loads(read_bytes(uri, storage_options))
 
 
-def atomic_write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> None:
-    """Write an object so that readers see either nothing, the old bytes, or all of the new ones.
+def atomic_write_with(uri: str, write: Callable[[Any], None], storage_options: dict | None = None) -> None:
+    """Write ``uri`` through ``write(file)`` (a binary file object opened for writing) so that
+    readers see either nothing, the old object, or all of the new one, without holding it in memory.
 
-    Local files go to a temporary file in the same folder, then ``os.replace``; object stores
-    (S3) have atomic PUTs already.
+    Local files: a temporary file in the same folder, fsync'ed, then ``os.replace``. Object stores
+    (S3): a local temporary file, uploaded in one PUT (atomic there) once ``write`` has returned.
     """
     fs, path = get_fs(uri, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path)
+    local = isinstance(fs, LocalFileSystem)
+    folder = os.path.dirname(path) if local else None
+    if local:
         os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w+b") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        if local:
             os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        else:
+            fs.put_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(uri: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write an object so that readers see either nothing, the old bytes, or all of the new ones
+    (local: :func:`atomic_write_with`; object stores have atomic PUTs already)."""
+    fs, path = get_fs(uri, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        atomic_write_with(uri, lambda f: f.write(data), storage_options)
     else:
         fs.pipe_file(path, data)
 

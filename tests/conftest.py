@@ -149,3 +149,15 @@ def sample_store(ray_local, sample_store_config) -> str:
     from pipeline.encode import encode
 
     return encode(sample_store_config).uri
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two shared cores: one intra-op thread per process is several times faster than two competing
+    ones. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -35,13 +35,7 @@ ENCODER = {"name": "dinov2", "arch": "vit_base_patch14_reg4_dinov2.lvd142m", "in
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: one intra-op thread is several times faster than two competing ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per process
 
 
 def _perturb(model: torch.nn.Module, seed: int, scale: float) -> torch.nn.Module:

@@ -47,13 +47,7 @@ SHAPE = (8, 4, 4)
 QUIET = ["train.progress=false", "train.tensorboard=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: one intra-op thread per process is several times faster than two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread per process
 
 
 def _store(path, n=48, shape=SHAPE, classes=4, seed=0, flips=True, chunk=4):

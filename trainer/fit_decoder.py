@@ -459,24 +459,6 @@ class DecoderTrainer(TrainLoop):
         )
 
     # -- what the shared loop asks for
-    @property
-    def samples_seen(self) -> int:
-        return self.loader.samples_seen
-
-    @property
-    def epoch(self) -> float:
-        return self.loader.epoch
-
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.data.global_batch
-
-    def batches(self):
-        return self.loader
-
-    def on_train_start(self) -> None:
-        self.train_model.train()
-
     def run_step(self, batch: DecoderBatch) -> dict[str, float]:
         return self.train_step(batch)
 
@@ -619,10 +601,6 @@ class DecoderTrainer(TrainLoop):
         recons = decode_uint8(ema_model.eval(), latents, self.device)
         uri_lib.atomic_write_bytes(out, grid_png(originals, recons), self.so)
         return out
-
-    def close(self) -> None:
-        self.loader.close()
-        super().close()
 
 
 def fit_decoder(cfg: FitDecoderConfig, store: str, run_dir: str, *,

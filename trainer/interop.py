@@ -49,16 +49,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import pickle
-import tempfile
 import warnings
 from typing import Any, Literal
 
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import uri as uri_lib
+from trainer.models import config_meta
 
 Use = Literal["auto", "ema", "model"]
 
@@ -436,8 +434,7 @@ def infer_dit_config(sd: dict[str, torch.Tensor], source: str = "state dict", *,
         cfg = DiTConfig(**fields)
     except ValueError as e:
         raise InteropError(f"{source}: inferred DiT config is invalid: {e}") from e
-    return InferredModel({"class": "DiTDH" if dh else "DiT", "config": _json_safe(dataclasses.asdict(cfg))},
-                         learn_sigma, how)
+    return InferredModel(config_meta("DiTDH" if dh else "DiT", cfg), learn_sigma, how)
 
 
 def infer_decoder_config(sd: dict[str, torch.Tensor], source: str = "state dict", *, num_heads: int | None = None,
@@ -474,15 +471,7 @@ def infer_decoder_config(sd: dict[str, torch.Tensor], source: str = "state dict"
         cfg = decoder_config_from_state_dict(sd, num_heads=num_heads, **overrides)
     except ValueError as e:
         raise InteropError(f"{source}: {e}") from e
-    return InferredModel({"class": DECODER_CLASS, "config": _json_safe(dataclasses.asdict(cfg))}, False, how)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+    return InferredModel(config_meta(DECODER_CLASS, cfg), False, how)
 
 
 def _rope_report(sd: dict[str, torch.Tensor], model_meta: dict, source: str) -> str | None:
@@ -718,25 +707,8 @@ class ExportResult:
 
 
 def _write_torch(obj: Any, uri: str, storage_options: dict | None = None) -> None:
-    """torch.save to a path or URI; local files appear whole (temporary file, then rename)."""
-    fs, path = uri_lib.get_fs(uri, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-    else:
-        with fs.open(path, "wb") as f:
-            torch.save(obj, f)
+    """torch.save to a path or URI; readers see the whole file or nothing."""
+    uri_lib.atomic_write_with(uri, lambda f: torch.save(obj, f), storage_options)
 
 
 def _stats_object(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -112,7 +112,9 @@ class TrainLoop:
 
     The subclass's ``__init__`` calls, in order: :meth:`_init_run`, its own setup (store, model, ...,
     using :meth:`resume_checkpoint`), then :meth:`_start_logging`. It must set ``self.step`` (the
-    optimizer steps taken, resumed ones included), ``self.total_steps`` and ``self.resumed_from``.
+    optimizer steps taken, resumed ones included), ``self.total_steps``, ``self.resumed_from``,
+    ``self.loader`` (iterable batches with ``samples_seen``, ``epoch`` and ``close()``) and
+    ``self.train_model`` (the module the loop trains, DDP-wrapped or not).
     ``cfg.train`` must have ``log_every``, ``ckpt_every``, ``keep_last``, ``keep_every``,
     ``progress``, ``tensorboard`` and ``tf32``.
     """
@@ -167,9 +169,6 @@ class TrainLoop:
     def describe_run(self) -> str:
         raise NotImplementedError
 
-    def batches(self) -> Iterable:
-        raise NotImplementedError
-
     def run_step(self, batch) -> dict[str, float]:
         raise NotImplementedError
 
@@ -188,23 +187,27 @@ class TrainLoop:
         raise NotImplementedError
 
     def on_train_start(self) -> None:
-        """Called once inside the loop's context, before the first batch (e.g. modules to train mode)."""
+        """Called once inside the loop's context, before the first batch (default: train mode)."""
+        self.train_model.train()
 
     def train_context(self) -> contextlib.AbstractContextManager:
         """Entered around the whole loop (TF32 on CUDA by default)."""
         return float32_matmul_precision(self.device, self.cfg.train.tf32)
 
+    def batches(self) -> Iterable:
+        return self.loader
+
     @property
     def samples_seen(self) -> int:
-        raise NotImplementedError
+        return self.loader.samples_seen
 
     @property
     def epoch(self) -> float:
-        raise NotImplementedError
+        return self.loader.epoch
 
     @property
     def global_batch(self) -> int:
-        raise NotImplementedError
+        return self.cfg.data.global_batch
 
     # -- the loop
     def train(self):
@@ -268,6 +271,7 @@ class TrainLoop:
         return newest_checkpoint(self.run_dir, self.so) if self.dist.is_main else None
 
     def close(self) -> None:
+        self.loader.close()
         self.logger.close()
 
 

@@ -11,7 +11,8 @@ a seeded shuffle, so these are a random sample of the source, the same one on ev
 A decoder reads the latents of one encoder: :func:`check_decoder_encoder` refuses a checkpoint whose
 encoder identity (``meta["encoder"]``) differs from the store's (``schemas.store_v1.encoder_identity``;
 the comparison rule is ``trainer.interop.encoder_mismatch``: name, architecture and input size equal,
-weight checksums equal where both are known), and one that records none. Sampling uses the same check.
+weight checksums equal where both are known), and one that records none. Sampling and rFID compare
+identities by the same rule but let an unknown (None) identity through.
 
 The grid (PNG): rows of ``pairs_per_row`` pairs, each pair the original then its reconstruction.
 A JSON summary is written beside it (``<out>.json``, or the ``.png`` replaced by ``.json``).
@@ -29,7 +30,6 @@ import torch.nn.functional as F
 from pipeline import uri as uri_lib
 from pipeline.store import LatentStore
 from schemas import store_v1
-from trainer.checkpoint import load_checkpoint
 
 GRID_PAIRS_PER_ROW = 4
 _GAP = 4  # pixels between images in the grid
@@ -39,14 +39,14 @@ class ReconstructError(ValueError):
     """A decoder checkpoint or store that cannot be used together; says which and why."""
 
 
-def check_decoder_encoder(meta, ckpt_uri: str, store: LatentStore) -> None:
-    """Refuse a decoder trained on another encoder's latents than ``store``'s (or on unknown ones)."""
+def check_decoder_encoder(theirs: dict | None, ckpt_uri: str, store: LatentStore) -> None:
+    """Refuse a decoder (encoder identity ``theirs``) trained on another encoder's latents than
+    ``store``'s, or on unknown ones."""
     from trainer.interop import encoder_mismatch
 
     ours = store_v1.encoder_identity(store.spec)
     if ours is None:
         raise ReconstructError(f"store {store.uri} records no encoder (a synthetic store): no decoder applies to it")
-    theirs = meta.encoder
     if theirs is None:
         raise ReconstructError(f"decoder {ckpt_uri} records no encoder identity (trained on a synthetic store?); "
                                f"store {store.uri} was encoded by {ours['name']} ({ours['arch']})")
@@ -58,16 +58,16 @@ def check_decoder_encoder(meta, ckpt_uri: str, store: LatentStore) -> None:
 
 def load_decoder(uri: str, *, use_ema: bool = True, device: str | torch.device = "cpu",
                  storage_options: dict | None = None):
-    """(RAEDecoder in eval mode on ``device``, its checkpoint) from a checkpoint or run directory."""
-    from trainer.models import build_model_from_meta
+    """(RAEDecoder in eval mode on ``device``, :class:`trainer.sample.LoadedDecoder`) from a
+    checkpoint or run directory (EMA weights unless ``use_ema`` is False or it has none)."""
+    from trainer.sample import SampleError
+    from trainer.sample import load_decoder as load
 
-    ckpt = load_checkpoint(uri, load_train_state=False, map_location="cpu", storage_options=storage_options)
-    if ckpt.meta.model.get("class") != "RAEDecoder":
-        raise ReconstructError(f"checkpoint {ckpt.uri} holds a {ckpt.meta.model.get('class')}, not an RAEDecoder")
-    decoder = build_model_from_meta(ckpt.meta.model)
-    state = ckpt.ema_state if use_ema and ckpt.ema_state is not None else ckpt.model_state
-    decoder.load_state_dict(state)
-    return decoder.to(device).eval(), ckpt
+    try:
+        loaded = load(uri, weights="ema" if use_ema else "model", device=device, storage_options=storage_options)
+    except SampleError as e:
+        raise ReconstructError(str(e)) from None
+    return loaded.model, loaded
 
 
 def resize_images(x01: torch.Tensor, size: int) -> torch.Tensor:
@@ -149,7 +149,7 @@ def reconstruct(decoder_ckpt: str, store: str, out: str, *, num: int = 8, use_em
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latent_store = LatentStore.open(store, storage_options)
     decoder, ckpt = load_decoder(decoder_ckpt, use_ema=use_ema, device=device, storage_options=storage_options)
-    check_decoder_encoder(ckpt.meta, ckpt.uri, latent_store)
+    check_decoder_encoder(ckpt.encoder, ckpt.uri, latent_store)
     size = decoder.config.patch_size * decoder.grid_size
     latents, originals, rows = store_samples(latent_store, num, size, storage_options)
     recons = decode_uint8(decoder, latents, device, batch_size)
@@ -158,7 +158,7 @@ def reconstruct(decoder_ckpt: str, store: str, out: str, *, num: int = 8, use_em
     result = {
         "psnr": psnr(originals, recons), "ssim": ssim(originals, recons), "num": int(len(rows)),
         "rows": [int(r) for r in rows], "grid": out, "decoder": ckpt.uri, "step": ckpt.step,
-        "weights": "ema" if use_ema and ckpt.ema_state is not None else "model",
+        "weights": ckpt.weights,
         "store": latent_store.uri, "store_id": latent_store.store_id, "output_size": size,
         "resolution": int(originals.shape[-1]),
     }

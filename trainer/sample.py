@@ -56,6 +56,7 @@ from pipeline import uri as uri_lib
 from trainer import distributed
 from trainer.data import LatentNormalizer
 from trainer.flow import euler_sample, guided_velocity_fn, heun_sample, reference_grid, shift_alpha
+from trainer.loop import float32_matmul_precision
 
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
@@ -180,6 +181,7 @@ class LoadedDecoder:
     image_size: int  # output side in pixels
     encoder: dict | None
     allow_token_resize: bool
+    step: int = 0  # the checkpoint's step
 
 
 def _load(uri: str, weights: str, classes: Sequence[str], what: str, storage_options: dict | None):
@@ -268,7 +270,7 @@ def load_decoder(uri: str, *, weights: str = "ema", device: str | torch.device =
     conf = model.config
     grid = math.isqrt(conf.num_tokens)
     return LoadedDecoder(model.to(device), ck.uri, used, sha, conf.in_channels, grid, grid * conf.patch_size,
-                         ck.meta.encoder, bool(conf.allow_token_resize))
+                         ck.meta.encoder, bool(conf.allow_token_resize), ck.step)
 
 
 def check_decoder_reads(decoder: LoadedDecoder, latent_shape: tuple[int, int, int], what: str,
@@ -562,20 +564,6 @@ def _autocast_dtype(cfg: SampleConfig, device: torch.device) -> torch.dtype | No
     return None
 
 
-@contextlib.contextmanager
-def _tf32(device: torch.device, enabled: bool):
-    """TF32 float32 matmuls on CUDA for the duration (as the reference sampler); restored after."""
-    if device.type != "cuda" or not enabled:
-        yield
-        return
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-
-
 class SamplingJob:
     """Loaded models, the label array and the settings of one ``sample`` run; samples blocks."""
 
@@ -688,29 +676,6 @@ def _write_npz_streaming(f, arr_0_shape: tuple[int, ...], arr_0_chunks: Iterator
             np.lib.format.write_array(member, np.ascontiguousarray(arr_1), allow_pickle=False)
 
 
-def _atomic_write_with(uri: str, write: Callable[[Any], None], storage_options: dict | None) -> None:
-    """Write ``uri`` through ``write(file)`` so readers see nothing or everything: a local temporary
-    file renamed into place, or (object stores) a local temporary file uploaded in one PUT."""
-    fs, path = uri_lib.get_fs(uri, storage_options)
-    local = uri_lib.is_local(uri)
-    folder = os.path.dirname(path) if local else None
-    if local:
-        os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        if local:
-            os.replace(tmp, path)
-        else:
-            fs.put_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _read_plan(uri: str, storage_options: dict | None) -> dict | None:
     return uri_lib.read_json(uri, storage_options) if uri_lib.exists(uri, storage_options) else None
 
@@ -807,7 +772,7 @@ def _run(job: SamplingJob, out: str, info: distributed.DistInfo, so: dict | None
     progress = _Progress(sum(b - a for a, b in mine), cfg.progress and info.is_main, info.world_size)
     started = time.perf_counter()
     try:
-        with _tf32(job.device, cfg.tf32):
+        with float32_matmul_precision(job.device, cfg.tf32):
             for k, (start, stop) in enumerate(mine):
                 images = job.sample_block(start, stop, progress.update)
                 uri_lib.atomic_write_bytes(uri_lib.join(parts_uri, part_name(start, stop)),
@@ -891,7 +856,7 @@ def _merge(out: str, plan: dict, labels: np.ndarray, blocks: list[tuple[int, int
             yield images
 
     shape = (cfg.num, *image_shape)
-    _atomic_write_with(uri_lib.join(out, SAMPLES_FILE), lambda f: _write_npz_streaming(f, shape, chunks(), labels),
+    uri_lib.atomic_write_with(uri_lib.join(out, SAMPLES_FILE), lambda f: _write_npz_streaming(f, shape, chunks(), labels),
                        so)
     if chosen:
         uri_lib.atomic_write_bytes(uri_lib.join(out, GRID_FILE), png_bytes(image_grid(np.concatenate(chosen))), so)

@@ -561,24 +561,6 @@ class DiTTrainer(TrainLoop):
             self.logger.info(f"initialized from {self.init_from} (weights and EMA; fresh optimizer and schedule)")
 
     # -- what the shared loop asks for
-    @property
-    def samples_seen(self) -> int:
-        return self.loader.samples_seen
-
-    @property
-    def epoch(self) -> float:
-        return self.loader.epoch
-
-    @property
-    def global_batch(self) -> int:
-        return self.cfg.data.global_batch
-
-    def batches(self):
-        return self.loader
-
-    def on_train_start(self) -> None:
-        self.train_model.train()
-
     def run_step(self, batch) -> dict[str, float]:
         x, y = batch
         return self.train_step(x, y)
@@ -651,7 +633,6 @@ class DiTTrainer(TrainLoop):
                     meta=self.checkpoint_meta(), stats=self.normalizer.as_tensors() or None)
 
     def close(self) -> None:
-        self.loader.close()
         if self.recorder is not None:
             self.recorder.close()
         super().close()

@@ -82,7 +82,11 @@ def model_meta(model: nn.Module) -> dict[str, Any]:
     from trainer.checkpoint import unwrap_model
 
     name = registered_name(model)
-    config = getattr(unwrap_model(model), MODEL_REGISTRY[name].config_attr)
+    return config_meta(name, getattr(unwrap_model(model), MODEL_REGISTRY[name].config_attr))
+
+
+def config_meta(name: str, config: Any) -> dict[str, Any]:
+    """``{"class": name, "config": {...}}`` of a registered model's config dataclass (JSON-safe)."""
     return {"class": name, "config": _json_safe(dataclasses.asdict(config))}
 
 
