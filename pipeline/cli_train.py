@@ -68,10 +68,21 @@ def run_training_command(resolve_config: Callable, preset: str, overrides: Optio
             return
         result = train(cfg)
     except user_errors() as e:
-        typer.echo(f"Error: {e}", err=True)
+        typer.echo(f"Error: {error_line(e)}", err=True)
         raise typer.Exit(1) from None
     if result.checkpoint is not None:  # rank 0
         typer.echo(f"trained to step {result.step} ({result.stopped_by}); checkpoint {result.checkpoint}")
+
+
+def error_line(e: BaseException) -> str:
+    """The user's message of ``e``. An error raised in a DataLoader worker arrives re-raised with
+    "Caught X in DataLoader worker process N" and the worker's traceback: keep its last line's message."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        name = type(e).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return text
 
 
 def register(app: typer.Typer) -> None:

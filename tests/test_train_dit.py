@@ -572,3 +572,14 @@ def test_preview_grids_with_a_decoder(store, tmp_path):
     other = _decoder_ckpt(tmp_path / "other", in_channels=4)
     with pytest.raises(TrainError, match="--preview-decoder: decoder .* reads 4 x 4 x 4 latents; store .* 8 x 4 x 4"):
         DiTTrainer(_cfg(), store.uri, str(tmp_path / "run3"), preview_decoder=other)
+
+
+def test_errors_from_dataloader_workers_are_one_line():
+    from pipeline.cli_train import error_line
+    from pipeline.store import StoreError
+
+    worker = StoreError("Caught StoreError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+                        '  File "x.py", line 3, in f\n    raise StoreError(...)\n'
+                        "pipeline.store.StoreError: store s3://b/s: reading latents[8:16] failed in shard(s) [0]\n")
+    assert error_line(worker) == "store s3://b/s: reading latents[8:16] failed in shard(s) [0]"
+    assert error_line(StoreError("plain message")) == "plain message"
