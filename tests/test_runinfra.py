@@ -269,6 +269,11 @@ def test_runlog_jsonl_tensorboard_png_and_resume(tmp_path):
     from PIL import Image
 
     assert Image.open(png_uri).size == (800, 600)
+    # A loss's logged parts get a panel of their own; parts never logged are left out.
+    with RunLogger(run, resume_step=41, tensorboard=False) as log:
+        log.log(42, {"loss": 0.1, "lr": 1e-4, "rec": 0.2, "gan": -0.1})
+        assert log.plot_loss_curve(("rec", "gan", "never")) == png_uri
+    assert Image.open(png_uri).size == (800, 800)
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run, "logs", "tensorboard")))
     assert matplotlib.get_backend() == backend_before
     assert ("matplotlib.pyplot" in sys.modules) == pyplot_loaded

@@ -319,6 +319,7 @@ class DecoderTrainer(TrainLoop):
 
     KIND = CHECKPOINT_KIND
     STAGE = "fit-decoder"
+    CURVE_TERMS = ("rec", "lpips", "gan", "disc_loss")  # L1, LPIPS, the generator's GAN term, D's hinge loss
 
     def __init__(self, cfg: FitDecoderConfig, store: str, run_dir: str, *, storage_options: dict | None = None,
                  dist_info: distributed.DistInfo | None = None):

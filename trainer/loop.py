@@ -121,6 +121,7 @@ class TrainLoop:
 
     KIND: ClassVar[str] = ""  # checkpoint kind written and required on resume
     STAGE: ClassVar[str] = ""  # the command, for messages
+    CURVE_TERMS: ClassVar[tuple[str, ...]] = ()  # logged parts of the loss drawn beside it in loss_curve.png
 
     step: int
     total_steps: int
@@ -263,7 +264,7 @@ class TrainLoop:
         uri = save_checkpoint(self.run_dir, self.step, storage_options=self.so, **self.checkpoint_payload())
         prune_checkpoints(self.run_dir, self.cfg.train.keep_last, self.cfg.train.keep_every, self.so)
         self.logger.flush()
-        self.logger.plot_loss_curve()
+        self.logger.plot_loss_curve(self.CURVE_TERMS)
         self.after_save(uri)
         self.logger.info(f"saved checkpoint {uri}")
 

@@ -176,15 +176,19 @@ class RunLogger:
             self._file.flush()
         return read_metrics(self.metrics_path)[0]
 
-    def plot_loss_curve(self) -> str | None:
+    def plot_loss_curve(self, terms: tuple[str, ...] = ()) -> str | None:
         """Draw ``<run_dir>/loss_curve.png`` from the metrics log; return its URI (None if there is
-        no loss yet). Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend."""
+        no loss yet). ``terms``: other logged metrics (a loss's parts) drawn in a panel of their own.
+        Uses matplotlib's object API with the Agg canvas: no pyplot, no global backend."""
         if not self.is_main:
             return None
-        points = [(r["step"], float(r["loss"])) for r in self.records() if "loss" in r]
+        records = self.records()
+        points = [(r["step"], float(r["loss"])) for r in records if "loss" in r]
         if not points:
             return None
-        png = _loss_curve_png(points, [(r["step"], float(r["lr"])) for r in self.records() if "lr" in r])
+        parts = {k: [(r["step"], float(r[k])) for r in records if k in r] for k in terms}
+        png = _loss_curve_png(points, [(r["step"], float(r["lr"])) for r in records if "lr" in r],
+                              {k: v for k, v in parts.items() if v})
         out = uri_lib.join(self.run_dir, LOSS_CURVE_FILE)
         uri_lib.atomic_write_bytes(out, png, self.storage_options)
         return out
@@ -236,13 +240,16 @@ def _smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-def _loss_curve_png(loss: list[tuple[int, float]], lr: list[tuple[int, float]]) -> bytes:
+def _loss_curve_png(loss: list[tuple[int, float]], lr: list[tuple[int, float]],
+                    parts: dict[str, list[tuple[int, float]]] | None = None) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 6 if lr else 4), dpi=100, layout="constrained")
+    parts = parts or {}
+    panels = 1 + bool(parts) + bool(lr)
+    fig = Figure(figsize=(8, 2 + 2 * panels), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(2 if lr else 1, 1, sharex=True, squeeze=False)[:, 0]
+    axes = fig.subplots(panels, 1, sharex=True, squeeze=False)[:, 0]
     steps, values = zip(*loss)
     ax = axes[0]
     ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="loss")
@@ -254,11 +261,19 @@ def _loss_curve_png(loss: list[tuple[int, float]], lr: list[tuple[int, float]]) 
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
+    if parts:
+        ax = axes[1]
+        for name, points in parts.items():
+            part_steps, part_values = zip(*points)
+            ax.plot(part_steps, _smooth(list(part_values)) if len(part_values) > 10 else part_values, label=name)
+        ax.set_ylabel("terms")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper right")
     if lr:
         lr_steps, lr_values = zip(*lr)
-        axes[1].plot(lr_steps, lr_values, color="tab:orange")
-        axes[1].set_ylabel("learning rate")
-        axes[1].grid(alpha=0.3)
+        axes[-1].plot(lr_steps, lr_values, color="tab:orange")
+        axes[-1].set_ylabel("learning rate")
+        axes[-1].grid(alpha=0.3)
     axes[-1].set_xlabel("step")
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
