@@ -70,7 +70,8 @@ def _latent_of(img: np.ndarray, channels: int, grid: int) -> np.ndarray:
     return (cells - 127.5) @ lift + 0.0  # (g, g, C)
 
 
-def encoded_store(root, n=8, channels=8, grid=16, resolution=256, image_size=(64, 48), sha=None, name="dinov2"):
+def encoded_store(root, n=8, channels=8, grid=16, resolution=256, image_size=(64, 48), sha=None, name="dinov2",
+                  arch="vit_base_patch14_reg4_dinov2[depth=1]"):
     """A complete 'encoded' store of n PNG files under root/src (ImageFolder); returns (store, files)."""
     from pipeline.preprocess import preprocess_image_bytes
 
@@ -86,7 +87,7 @@ def encoded_store(root, n=8, channels=8, grid=16, resolution=256, image_size=(64
         files.append(path)
         refs.append({"index": i, "id": i, "key": f"cls/img{i}.png", "uri": path, "row": None, "size": len(data),
                      "sha256": uri_lib.sha256_bytes(data), "label": 0})
-    encoder = {"name": name, "arch": "vit_base_patch14_reg4_dinov2[depth=1]", "input_size": resolution * 7 // 8,
+    encoder = {"name": name, "arch": arch, "input_size": resolution * 7 // 8,
                "patch_size": 14, "hidden_size": channels, "num_prefix_tokens": 5,
                "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "output": "test latents",
                "weights": {"source": "random", "ref": "seed=0", "layout": None, "seed": 0,
