@@ -393,3 +393,22 @@ def test_streams_from_s3_with_workers(s3_endpoint):
     ld.close()
     _check_rows(x, y)
     assert sorted(y.tolist()) == np.flatnonzero(valid).tolist()
+
+
+@pytest.mark.timeout(120)
+def test_workers_of_a_ray_connected_process_start_from_a_fork_server(ray_local, tmp_path):
+    """A process connected to Ray (this test session's, a Ray worker's) must not fork its gRPC
+    threads' locks into DataLoader workers: they start from a fork server, and serve the same batches."""
+    from trainer.data import worker_start_method
+
+    assert worker_start_method(2) == "forkserver" and worker_start_method(0) is None
+    n = 20
+    uri = str(tmp_path / "store")
+    write_array_store(uri, _row_latents(n), np.arange(n), num_classes=n,
+                      layout=StoreLayout(dtype="float16", samples_per_shard=10, samples_per_chunk=5))
+    inline = _take(_loader(uri, batch=4, streams=1, workers=0), 6)
+    with _loader(uri, batch=4, streams=1, workers=2) as ld:
+        served = _take(ld, 6)
+        assert ld._dataloader.multiprocessing_context.get_start_method() == "forkserver"
+    for (x0, y0), (x1, y1) in zip(inline, served):
+        assert torch.equal(x0, x1) and torch.equal(y0, y1)

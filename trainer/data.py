@@ -352,6 +352,19 @@ class _Order:
 _STORED_TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def worker_start_method(num_workers: int) -> str | None:
+    """How DataLoader workers start: the platform default (fork on Linux), except in a process
+    connected to Ray (a driver or a Ray worker), whose gRPC threads can leave a forked child
+    deadlocked: there workers come from a fork server (a clean single-threaded process), which
+    re-imports the main module: a script of one's own needs the usual ``if __name__ == "__main__":``
+    guard (the ``rae-pipeline`` commands have it)."""
+    import sys
+
+    if num_workers == 0 or "ray" not in sys.modules:
+        return None
+    return "forkserver" if sys.modules["ray"].is_initialized() else None
+
+
 def _numpy_view(t: torch.Tensor) -> np.ndarray:
     """A numpy view of a contiguous CPU tensor; bfloat16 (no numpy dtype) as its uint16 bit patterns."""
     if t.dtype == torch.bfloat16:
@@ -752,6 +765,7 @@ class LatentLoader:
                 num_workers=w,
                 prefetch_factor=self.cfg.prefetch_factor if w > 0 else None,
                 persistent_workers=w > 0,
+                multiprocessing_context=worker_start_method(w),
             )
         return iter(self._dataloader)
 

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline import uri as uri_lib
 from pipeline.store import LatentStore
 from schemas import store_v1
+from trainer.data import worker_start_method
 
 DATA_MODES = ("cached", "encode_on_the_fly")
 STATE_VERSION = 1
@@ -400,7 +401,8 @@ class DecoderLoader:
     def __iter__(self) -> Iterator[DecoderBatch]:
         self.close()
         c = self.cfg
-        kw = dict(num_workers=c.num_workers, prefetch_factor=c.prefetch_factor) if c.num_workers > 0 else {}
+        kw = dict(num_workers=c.num_workers, prefetch_factor=c.prefetch_factor,
+                  multiprocessing_context=worker_start_method(c.num_workers)) if c.num_workers > 0 else {}
         loader = DataLoader(self.dataset, batch_size=None, sampler=_Steps(self.step), pin_memory=self.pin_memory,
                             collate_fn=_identity, **kw)
         self._iterator = iter(loader)
