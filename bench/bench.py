@@ -215,11 +215,14 @@ def peer_loader(dataset, opts: BenchOptions, seed: int):
     as ours, default prefetch, pinned memory on CUDA, drop_last."""
     from torch.utils.data import DataLoader, RandomSampler
 
+    from trainer.data import worker_start_method
+
     gen = torch.Generator().manual_seed(seed)
     w, cuda = opts.workers, torch.device(opts.device).type == "cuda"
     return DataLoader(dataset, batch_size=opts.batch,
                       sampler=RandomSampler(dataset, num_samples=len(dataset) * 10_000, generator=gen),
-                      num_workers=w, prefetch_factor=2 if w else None, pin_memory=cuda, drop_last=True)
+                      num_workers=w, prefetch_factor=2 if w else None, pin_memory=cuda, drop_last=True,
+                      multiprocessing_context=worker_start_method(w))  # as our loader's workers
 
 
 def measure_peer(dataset, opts: BenchOptions, seed: int, min_samples: int) -> Measurement:

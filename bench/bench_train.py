@@ -164,10 +164,13 @@ def reference_loader(dataset: ReferenceImages, batch: int, workers: int, device:
                      seed: int = 0) -> DataLoader:
     """A DataLoader as the reference trainer builds one: shuffled (endless, so that no epoch end is
     timed), ``workers`` processes, default prefetch, pinned memory on CUDA, drop_last."""
+    from trainer.data import worker_start_method
+
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch,
                       sampler=RandomSampler(dataset, num_samples=len(dataset) * 100_000, generator=gen),
                       num_workers=workers, prefetch_factor=2 if workers else None,
+                      multiprocessing_context=worker_start_method(workers),  # as our loader's workers
                       pin_memory=device.type == "cuda", drop_last=True)
 
 
