@@ -174,8 +174,13 @@ def apply_overrides(cfg: T, overrides: list[str] | tuple[str, ...]) -> T:
     return from_dict(type(cfg), data)
 
 
-def resolve_preset(presets: dict[str, Callable[[], T]], name: str, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """A named preset with overrides applied; an unknown name lists the known ones."""
+def resolve_preset(presets: dict[str, Callable[[], T]], name: str, overrides: list[str] | tuple[str, ...] = (),
+                   check: Callable[[T], None] | None = None) -> T:
+    """A named preset with overrides applied, then ``check``-ed (it raises ConfigError naming the
+    key); an unknown name lists the known ones."""
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(sorted(presets))}")
-    return apply_overrides(presets[name](), list(overrides))
+    cfg = apply_overrides(presets[name](), list(overrides))
+    if check is not None:
+        check(cfg)
+    return cfg

@@ -60,26 +60,26 @@ and the weights of LPIPS and the discriminator backbone. The same run directory 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import uri as uri_lib
-from pipeline.config import ConfigError, from_dict, resolve_preset, to_dict
+from pipeline.config import ConfigError, resolve_preset, to_dict
 from pipeline.store import LatentStore
 from schemas import store_v1
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint
 from trainer.decoder_data import DecoderBatch, DecoderDataConfig, DecoderLoader, build_store_encoder, \
     check_data_config, store_resolution
-from trainer.loop import CONFIG_FILE, TrainError, TrainLoop, store_meta
+from trainer.loop import TrainError, TrainLoop, check_steps, mix_seed, read_run_config, store_meta, total_steps
 from trainer.losses import DecoderLoss, DecoderLossConfig, build_lpips
 from trainer.models import model_meta
 from trainer.models.decoder import DECODER_SIZES, IMAGENET_MEAN, IMAGENET_STD, DecoderConfig, RAEDecoder, \
@@ -201,9 +201,7 @@ PRESETS: dict[str, Callable[[], FitDecoderConfig]] = {
 
 def resolve_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> FitDecoderConfig:
     """A preset with ``key.path=value`` overrides applied, checked (ConfigError naming the key)."""
-    cfg = resolve_preset(PRESETS, preset, overrides)
-    check_config(cfg)
-    return cfg
+    return resolve_preset(PRESETS, preset, overrides, check_config)
 
 
 def check_config(cfg: FitDecoderConfig) -> None:
@@ -224,8 +222,7 @@ def check_config(cfg: FitDecoderConfig) -> None:
     problems = check_data_config(cfg.data)
     if problems:
         raise ConfigError(problems[0])
-    if t.max_steps is None and t.epochs is None:
-        raise ConfigError("set train.max_steps or train.epochs (both: whichever comes first)")
+    check_steps(cfg)
     positive = {"train.max_steps": t.max_steps, "train.epochs": t.epochs, "train.log_every": t.log_every,
                 "train.ckpt_every": t.ckpt_every, "train.keep_last": t.keep_last, "optim.lr": o.lr,
                 "optim.final_lr": o.final_lr, "optim.disc_lr": o.disc_lr, "optim.disc_final_lr": o.disc_final_lr,
@@ -242,16 +239,6 @@ def check_config(cfg: FitDecoderConfig) -> None:
             raise ConfigError(f"{key} must be >= 0, got {value}")
     if not 0.0 <= o.ema_decay <= 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1], got {o.ema_decay}")
-
-
-def total_steps(cfg: FitDecoderConfig, num_valid: int) -> int:
-    """Steps to train to: train.max_steps, or ceil(train.epochs * N / global batch), the smaller."""
-    limits = []
-    if cfg.train.max_steps is not None:
-        limits.append(cfg.train.max_steps)
-    if cfg.train.epochs is not None:
-        limits.append(math.ceil(cfg.train.epochs * num_valid / cfg.data.global_batch))
-    return min(limits)
 
 
 def decoder_config_for(cfg: FitDecoderConfig, store: LatentStore) -> DecoderConfig:
@@ -280,10 +267,7 @@ def decoder_config_for(cfg: FitDecoderConfig, store: LatentStore) -> DecoderConf
         raise ConfigError(f"model: {e}") from None
 
 
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers; nearby inputs give unrelated seeds (SeedSequence hashing)."""
-    hi, lo = np.random.SeedSequence([_SEED_TAG, *(int(p) for p in parts)]).generate_state(2, dtype=np.uint32)
-    return (int(hi) << 31) ^ int(lo)
+_mix_seed = functools.partial(mix_seed, _SEED_TAG)  # step seeds of this stage
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:
@@ -619,7 +603,7 @@ def fit_decoder(cfg: FitDecoderConfig, store: str, run_dir: str, *,
 
 def config_from_run_dir(run_dir: str, storage_options: dict | None = None) -> FitDecoderConfig:
     """The resolved config a run directory was trained with (its config.json)."""
-    return from_dict(FitDecoderConfig, uri_lib.read_json(uri_lib.join(run_dir, CONFIG_FILE), storage_options))
+    return read_run_config(FitDecoderConfig, run_dir, storage_options)
 
 
 __all__ = [

@@ -30,15 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any, ClassVar, Iterable, Iterator
+import math
+from typing import Any, ClassVar, Iterable, Iterator, TypeVar
 
+import numpy as np
 import torch
 
 from pipeline import uri as uri_lib
-from pipeline.config import to_dict
+from pipeline.config import ConfigError, from_dict, to_dict
 from trainer import distributed
 from trainer.checkpoint import list_checkpoints, prune_checkpoints, read_meta, save_checkpoint
 from trainer.runlog import RunLogger, SigtermHandler, StepTimer
+
+T = TypeVar("T")
 
 CONFIG_FILE = "config.json"
 LAST_VALUE_KEYS = ("lr", "disc_lr")  # logged as their value at the window's last step, not a mean
@@ -94,6 +98,35 @@ def float32_matmul_precision(device: torch.device, tf32: bool) -> Iterator[None]
         yield
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def total_steps(cfg, num_valid: int) -> int:
+    """Steps to train to: ``train.max_steps``, or ceil(``train.epochs`` * N / ``data.global_batch``),
+    the smaller (a stage's config; ``check_steps`` has made sure one of them is set)."""
+    limits = []
+    if cfg.train.max_steps is not None:
+        limits.append(cfg.train.max_steps)
+    if cfg.train.epochs is not None:
+        limits.append(math.ceil(cfg.train.epochs * num_valid / cfg.data.global_batch))
+    return min(limits)
+
+
+def check_steps(cfg) -> None:
+    """ConfigError unless ``train.max_steps`` or ``train.epochs`` says how long to train."""
+    if cfg.train.max_steps is None and cfg.train.epochs is None:
+        raise ConfigError("set train.max_steps or train.epochs (both: whichever comes first)")
+
+
+def mix_seed(tag: int, *parts: int) -> int:
+    """A 63-bit seed from a stage's ``tag`` and integers; nearby inputs give unrelated seeds
+    (SeedSequence hashing)."""
+    hi, lo = np.random.SeedSequence([tag, *(int(p) for p in parts)]).generate_state(2, dtype=np.uint32)
+    return (int(hi) << 31) ^ int(lo)
+
+
+def read_run_config(cls: type[T], run_dir: str, storage_options: dict | None = None) -> T:
+    """The resolved config (a ``cls`` tree) a run directory was trained with: its config.json."""
+    return from_dict(cls, uri_lib.read_json(uri_lib.join(run_dir, CONFIG_FILE), storage_options))
 
 
 def window_means(window: list[dict[str, float]]) -> dict[str, float]:
@@ -277,6 +310,6 @@ class TrainLoop:
 
 
 __all__ = [
-    "CONFIG_FILE", "TrainError", "TrainLoop", "check_resume", "diff_keys", "float32_matmul_precision",
-    "newest_checkpoint", "store_meta", "window_means",
+    "CONFIG_FILE", "TrainError", "TrainLoop", "check_resume", "check_steps", "diff_keys", "float32_matmul_precision",
+    "mix_seed", "newest_checkpoint", "read_run_config", "store_meta", "total_steps", "window_means",
 ]

@@ -36,26 +36,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline import uri as uri_lib
-from pipeline.config import ConfigError, from_dict, resolve_preset, to_dict
+from pipeline.config import ConfigError, resolve_preset, to_dict
 from pipeline.store import LatentStore
 from schemas import store_v1
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, read_meta
 from trainer.data import LatentLoader, LatentNormalizer, LoaderConfig
 from trainer.flow import interpolate, sample_train_times, shift_alpha, velocity_target
-from trainer.loop import CONFIG_FILE, TrainError, TrainLoop, store_meta
+from trainer.loop import TrainError, TrainLoop, check_steps, mix_seed, read_run_config, store_meta, total_steps
 from trainer.models import model_meta
 from trainer.models.dit import MODEL_SIZES, DiTConfig, build_model, count_parameters, dit_config
 from trainer.optim import EMA, DiTLRSchedule, build_adamw, build_lr_scheduler, check_finite, clip_grad_norm
@@ -183,9 +182,7 @@ PRESETS: dict[str, Callable[[], TrainDiTConfig]] = {
 
 def resolve_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainDiTConfig:
     """A preset with ``key.path=value`` overrides applied, checked (ConfigError naming the key)."""
-    cfg = resolve_preset(PRESETS, preset, overrides)
-    check_config(cfg)
-    return cfg
+    return resolve_preset(PRESETS, preset, overrides, check_config)
 
 
 def check_config(cfg: TrainDiTConfig) -> None:
@@ -201,8 +198,7 @@ def check_config(cfg: TrainDiTConfig) -> None:
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} {value!r} is not one of {list(allowed)}")
-    if t.max_steps is None and t.epochs is None:
-        raise ConfigError("set train.max_steps or train.epochs (both: whichever comes first)")
+    check_steps(cfg)
     if t.preview_every < 0 or t.preview_num < 1 or t.preview_steps < 2:
         raise ConfigError(f"train.preview_every must be >= 0, train.preview_num >= 1 and train.preview_steps >= 2; "
                           f"got {t.preview_every}, {t.preview_num}, {t.preview_steps}")
@@ -246,25 +242,12 @@ def shift_alpha_for(cfg: TrainDiTConfig, latent_shape: tuple[int, int, int]) -> 
     return shift_alpha(latent_shape, cfg.flow.shift_base)
 
 
-def total_steps(cfg: TrainDiTConfig, num_valid: int) -> int:
-    """Steps to train to: train.max_steps, or ceil(train.epochs * N / global batch), the smaller."""
-    limits = []
-    if cfg.train.max_steps is not None:
-        limits.append(cfg.train.max_steps)
-    if cfg.train.epochs is not None:
-        limits.append(math.ceil(cfg.train.epochs * num_valid / cfg.data.global_batch))
-    return min(limits)
-
-
 # ------------------------------------------------------------------------------------------------
 # per-step randomness
 # ------------------------------------------------------------------------------------------------
 
 
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers; nearby inputs give unrelated seeds (SeedSequence hashing)."""
-    hi, lo = np.random.SeedSequence([_SEED_TAG, *(int(p) for p in parts)]).generate_state(2, dtype=np.uint32)
-    return (int(hi) << 31) ^ int(lo)
+_mix_seed = functools.partial(mix_seed, _SEED_TAG)  # step seeds of this stage
 
 
 @dataclass
@@ -656,8 +639,7 @@ def train_dit(cfg: TrainDiTConfig, store: str, run_dir: str, *, init_from: str |
 
 def config_from_run_dir(run_dir: str, storage_options: dict | None = None) -> TrainDiTConfig:
     """The resolved config a run directory was trained with (its config.json)."""
-    data = uri_lib.read_json(uri_lib.join(run_dir, CONFIG_FILE), storage_options)
-    return from_dict(TrainDiTConfig, data)
+    return read_run_config(TrainDiTConfig, run_dir, storage_options)
 
 
 __all__ = [
