@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import glob
 import hashlib
 import json
 import os
@@ -37,7 +36,7 @@ import torch
 
 from bench.common import (BENCHMARKS, BenchContext, BenchOptions, Measurement, ObjectReader, format_table,
                           item_result, merge_results, rates, ratio_figure, raw_read, register, run_interleaved,
-                          select_benchmarks, side)
+                          sample_image_files, select_benchmarks, side)
 from pipeline import uri as U
 from pipeline.store import LatentStore, StoreError, StoreLayout, write_array_store
 from schemas import store_v1 as S
@@ -471,13 +470,6 @@ def storage_params(opts: BenchOptions) -> dict:
             "whole_chunks": 8}
 
 
-def _image_files(root: str) -> list[str]:
-    files = []
-    for split in ("train", "val"):
-        files += sorted(p for p in glob.glob(os.path.join(root, split, "*", "*")) if os.path.isfile(p))
-    return files
-
-
 def storage_latents(ctx: BenchContext, params: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Latent-like data: the real DINOv2-B architecture (random weights, seed 0) on the built-in
     sample images, each image and its horizontal flip (see :func:`storage_params`).
@@ -491,7 +483,7 @@ def storage_latents(ctx: BenchContext, params: dict) -> tuple[np.ndarray, np.nda
 
     res, depth, limit, whole = params["resolution"], params["depth"], params["images"], params["whole_chunks"]
     root = ensure_sample_data(ctx.options.sample_data)  # None: the repository's data/sample
-    files = _image_files(root)
+    files = sample_image_files(root)
     if limit:
         files = files[::max(1, len(files) // limit)][:limit]
     files = files[:len(files) - len(files) % whole]

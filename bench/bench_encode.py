@@ -15,7 +15,6 @@ several shards follow the first one and the steady state is measured over most o
 """
 from __future__ import annotations
 
-import glob
 import os
 import shutil
 import time
@@ -23,7 +22,8 @@ import time
 import numpy as np
 import torch
 
-from bench.common import BenchContext, BenchOptions, Measurement, item_result, ratio_figure, register, side
+from bench.common import (BenchContext, BenchOptions, Measurement, item_result, ratio_figure, register,
+                          sample_image_files, side)
 from pipeline import uri as U
 
 STEADY_TARGET = ">= 0.9"
@@ -48,14 +48,6 @@ def encode_params(opts: BenchOptions) -> dict:
 
 # --------------------------------------------------------------------------------------------
 # pieces
-
-
-def sample_image_files(root: str) -> list[str]:
-    """The sample data's image files (train, then val), sorted: ``root/<split>/<class>/<file>``."""
-    files = []
-    for split in ("train", "val"):
-        files += sorted(p for p in glob.glob(os.path.join(root, split, "*", "*")) if os.path.isfile(p))
-    return files
 
 
 def replicate_images(files: list[str], dest: str, count: int) -> tuple[str, list[str]]:

@@ -7,6 +7,7 @@ the ratio of the medians with every round's absolute values beside it.
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 import socket
@@ -521,3 +522,11 @@ def raw_read(reader: ObjectReader, keys: list[str]) -> tuple[int, float]:
     for key in keys:
         total += len(reader.read(key))
     return total, time.perf_counter() - t0
+
+
+def sample_image_files(root: str) -> list[str]:
+    """The sample data's image files (train, then val), sorted: ``root/<split>/<class>/<file>``."""
+    files = []
+    for split in ("train", "val"):
+        files += sorted(p for p in glob.glob(os.path.join(root, split, "*", "*")) if os.path.isfile(p))
+    return files

@@ -13,6 +13,8 @@ from typing import Optional
 
 import typer
 
+from pipeline.cli_choices import EncoderChoice
+
 stores_app = typer.Typer(
     name="stores",
     help="List, describe, verify and remove latent stores.",
@@ -20,13 +22,6 @@ stores_app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-class EncoderChoice(str, Enum):
-    dinov2 = "dinov2"
-    siglip2 = "siglip2"
-    mae = "mae"
-    siglip = "siglip"
 
 
 class SplitChoice(str, Enum):

@@ -11,17 +11,13 @@ from typing import Optional
 
 import typer
 
+from pipeline.cli_choices import DeviceChoice
+
 
 class RefSourceKind(str, Enum):
     folder = "folder"
     npz = "npz"
     store = "store"
-
-
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 _WEIGHTS_HELP = (

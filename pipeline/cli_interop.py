@@ -5,22 +5,11 @@ there); inferred architectures and notes go to stderr. Heavy imports happen insi
 """
 from __future__ import annotations
 
-from enum import Enum
 from typing import Optional
 
 import typer
 
-
-class EncoderName(str, Enum):
-    dinov2 = "dinov2"
-    siglip2 = "siglip2"
-    mae = "mae"
-    siglip = "siglip"
-
-
-class UseWeights(str, Enum):
-    ema = "ema"
-    model = "model"
+from pipeline.cli_choices import EncoderChoice, WeightsChoice
 
 
 def _fail(message: str) -> None:
@@ -32,10 +21,10 @@ def import_rae_command(
     dit: Optional[str] = typer.Option(None, "--dit", help="Published DiT^DH / DiT file (bare state dict or training checkpoint)."),
     decoder: Optional[str] = typer.Option(None, "--decoder", help="Published decoder file (bare, or a decoder-training checkpoint)."),
     stats: Optional[str] = typer.Option(None, "--stats", help="The stat.pt the DiT was trained with (mean and/or var)."),
-    encoder: EncoderName = typer.Option(..., "--encoder", help="Encoder the files belong to (siglip = siglip2); not visible in the shapes."),
+    encoder: EncoderChoice = typer.Option(..., "--encoder", help="Encoder the files belong to (siglip = siglip2); not visible in the shapes."),
     resolution: int = typer.Option(256, "--resolution", help="Image resolution the encoder identity is recorded for: 256 or 512."),
     out: str = typer.Option(..., "--out", help="Folder or URI; checkpoints go to <out>/dit and <out>/decoder."),
-    use: Optional[UseWeights] = typer.Option(
+    use: Optional[WeightsChoice] = typer.Option(
         None, "--use", help="Weights of a training checkpoint: ema (default when present, as the reference sampler) or model."
     ),
     decoder_heads: Optional[int] = typer.Option(None, "--decoder-heads", help="Decoder attention heads, for sizes outside B/L/XL."),
@@ -72,7 +61,7 @@ def export_rae_command(
     ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Our checkpoint (or run directory: its newest)."),
     store: Optional[str] = typer.Option(None, "--store", help="Export this latent store's statistics alone, as stat.pt."),
     out: str = typer.Option(..., "--out", help="Folder or URI for dit.pt / decoder.pt / stat.pt."),
-    which: UseWeights = typer.Option(UseWeights.ema, "--which", help="ema (falls back to model when absent) or model."),
+    which: WeightsChoice = typer.Option(WeightsChoice.ema, "--which", help="ema (falls back to model when absent) or model."),
     learn_sigma: bool = typer.Option(
         False, "--learn-sigma", help="Plain DiT: write the 2C-output final layer of LightningDiT(learn_sigma=True)."
     ),

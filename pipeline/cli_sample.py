@@ -16,26 +16,17 @@ from typing import Optional
 
 import typer
 
+from pipeline.cli_choices import DeviceChoice, WeightsChoice
+
 
 class SamplerChoice(str, Enum):
     euler = "euler"
     heun = "heun"
 
 
-class WeightsChoice(str, Enum):
-    ema = "ema"
-    model = "model"
-
-
 class PrecisionChoice(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
-
-
-class DeviceChoice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def _user_errors(evaluation: bool = False) -> tuple[type[BaseException], ...]:

@@ -158,7 +158,7 @@ def write_report(out, cfg, store, enc, dec, dit, sam, metrics, recon, timings, r
         "## Samples (train-dit debug model, Euler on the reference grid, decoded by the debug decoder)", "",
         f"![samples]({_rel(out, sam.grid)})", "",
         "## Reconstructions (each original, then the decoder's reconstruction of its latent)", "",
-        f"![reconstructions](reconstruction.png)", "",
+        "![reconstructions](reconstruction.png)", "",
         f"PSNR {_fmt(recon.get('psnr'))} dB, SSIM {_fmt(recon.get('ssim'))} ({recon.get('num', '')} images)", "",
         "## Loss curves", "",
         "| fit-decoder | train-dit |", "|---|---|",

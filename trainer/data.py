@@ -38,6 +38,7 @@ import logging
 import os
 import pickle
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -358,8 +359,6 @@ def worker_start_method(num_workers: int) -> str | None:
     deadlocked: there workers come from a fork server (a clean single-threaded process), which
     re-imports the main module: a script of one's own needs the usual ``if __name__ == "__main__":``
     guard (the ``rae-pipeline`` commands have it)."""
-    import sys
-
     if num_workers == 0 or "ray" not in sys.modules:
         return None
     return "forkserver" if sys.modules["ray"].is_initialized() else None

@@ -35,18 +35,15 @@ sampler truncates (``mul(255).to(uint8)``), half a level darker on average.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
