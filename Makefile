@@ -72,7 +72,7 @@ sample: install
 		--dit-ckpt $(DIT) --decoder-ckpt $(DECODER) --out $(SAMPLE_OUT) --num-samples $(NUM) $(SAMPLE_ARGS)
 
 demo: install
-	$(JOB_ENV) RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pipeline.demo $(DEMO_ARGS)
+	$(JOB_ENV) RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 $(BIN)/python -m pipeline.cli.demo $(DEMO_ARGS)
 
 bench: install
 	$(JOB_ENV) $(TEST_ENV) $(BIN)/python -m bench.bench $(BENCH_ARGS)

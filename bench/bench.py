@@ -245,7 +245,7 @@ def measure_raw(reader: ObjectReader, keys: list[str], bytes_per_sample: float, 
 
 def _normalization(data: LoaderData) -> tuple[np.ndarray, np.ndarray]:
     """The store's normalization as (shift, scale) float32 [C, H, W], exactly our loader's."""
-    from trainer.data import LatentNormalizer
+    from trainer.normalize import LatentNormalizer
 
     norm = LatentNormalizer.from_store(LatentStore.open(data.store_uri))  # a store always has mean and var
     return norm.mean.numpy(), torch.sqrt(norm.var + norm.eps).numpy()  # the normalizer's own float32 ops

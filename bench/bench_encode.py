@@ -7,7 +7,7 @@ end (``images_encoded / seconds``: listing, the driver's encoder, Ray start, act
 
 Denominator: the same encoder (built by the job's own :func:`pipeline.encode.build_configured_encoder`,
 same random weights), the same micro-batch, float32, device and thread count, two forwards per image
-(image and flip, :func:`pipeline.encode.encode_pixels`, the function the actor runs) on uint8 images
+(image and flip, :func:`pipeline.encode_tasks.encode_pixels`, the function the actor runs) on uint8 images
 already in memory; measured before and after the job (both reported, their median is the figure's).
 
 The data: the built-in sample images copied (not re-encoded) round-robin to ``images`` files, so that
@@ -156,10 +156,10 @@ def read_pixels(files: list[str], resolution: int) -> np.ndarray:
 
 def bare_forward(encoder, pixels: np.ndarray, batch_size: int, flips: bool, device: torch.device,
                  threads: int) -> Measurement:
-    """Images/s of :func:`pipeline.encode.encode_pixels` (the actor's function: micro-batches of
+    """Images/s of :func:`pipeline.encode_tasks.encode_pixels` (the actor's function: micro-batches of
     ``batch_size``, the flip as its own forward) on ``pixels`` in memory, with ``threads`` torch
     intra-op threads (restored after)."""
-    from pipeline.encode import encode_pixels
+    from pipeline.encode_tasks import encode_pixels
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

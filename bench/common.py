@@ -1,5 +1,5 @@
-"""Shared pieces of `make bench`: the benchmark registry, timing and ratios, the results file, the
-table, and the bench's own S3 endpoint with a plain object reader.
+"""Shared pieces of `make bench`: its registry and results file (on ``bench.harness``), timing and
+ratios, the table of figures, and the bench's own S3 endpoint with a plain object reader.
 
 Every figure is a ratio of two sides measured in the same run: :func:`run_interleaved` runs the
 sides round by round in a rotated order (no side always first), and :func:`ratio_figure` reports
@@ -20,49 +20,35 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from bench.harness import Column, Registry, ResultsFile, format_columns
 from pipeline import uri as U
 
-RESULTS_FORMAT = "rae-bench-results"
-RESULTS_VERSION = 1
+# --------------------------------------------------------------------------------------------
+# the registry and the results file
+
+# A benchmark is a function ``fn(ctx: BenchContext) -> result`` (see :func:`item_result`), run in
+# registration order: ``@register(name, summary)``.
+BENCHMARKS = Registry("benchmark")
+register = BENCHMARKS.register
+select_benchmarks = BENCHMARKS.select
+
+# bench/results.json: canonical JSON, items sorted by name; a file of another kind is an error.
+RESULTS_FILE = ResultsFile(format="rae-bench-results", version=1, items_key="items", what="bench", canonical=True,
+                           strict=True)
+
+
+def load_results(path: str) -> dict:
+    """The results file's content, or an empty one when it does not exist."""
+    return RESULTS_FILE.load(path)
+
+
+def merge_results(path: str, items: dict[str, dict]) -> dict:
+    """Replace the named items in the results file (others are kept) and write it atomically."""
+    return RESULTS_FILE.merge(path, items)
 
 
 # --------------------------------------------------------------------------------------------
-# the registry
-
-
-@dataclass(frozen=True)
-class Benchmark:
-    """One item of `make bench`: ``run(ctx)`` returns its result (see :func:`item_result`)."""
-
-    name: str
-    run: Callable[["BenchContext"], dict]
-    summary: str
-
-
-BENCHMARKS: dict[str, Benchmark] = {}
-
-
-def register(name: str, summary: str) -> Callable:
-    """Decorator adding a benchmark function ``fn(ctx) -> result`` under ``name`` (run in registration order)."""
-
-    def add(fn: Callable[["BenchContext"], dict]) -> Callable[["BenchContext"], dict]:
-        if name in BENCHMARKS:
-            raise ValueError(f"benchmark {name!r} is registered twice")
-        BENCHMARKS[name] = Benchmark(name, fn, summary)
-        return fn
-
-    return add
-
-
-def select_benchmarks(only: str | None) -> list[str]:
-    """Names to run: all in registration order, or the comma-separated ``only`` list (checked)."""
-    if not only:
-        return list(BENCHMARKS)
-    names = [n.strip() for n in only.split(",") if n.strip()]
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; valid names: {', '.join(BENCHMARKS)}")
-    return [n for n in BENCHMARKS if n in names]
+# options and context
 
 
 @dataclass
@@ -207,29 +193,7 @@ def item_result(figures: list[dict], *, settings: dict, data: str, notes: list[s
 
 
 # --------------------------------------------------------------------------------------------
-# results file and table
-
-
-def load_results(path: str) -> dict:
-    """The results file's content, or an empty one when it does not exist."""
-    try:
-        doc = U.read_json(path)
-    except FileNotFoundError:
-        return {"format": RESULTS_FORMAT, "version": RESULTS_VERSION, "items": {}}
-    except ValueError as e:
-        raise ValueError(f"results file {path} is not valid JSON ({e}); move it away to start a new one") from None
-    if doc.get("format") != RESULTS_FORMAT or not isinstance(doc.get("items"), dict):
-        raise ValueError(f"{path} is not a bench results file (format {doc.get('format')!r})")
-    return doc
-
-
-def merge_results(path: str, items: dict[str, dict]) -> dict:
-    """Replace the named items in the results file (others are kept) and write it atomically."""
-    doc = load_results(path)
-    doc["items"].update(items)
-    doc["items"] = dict(sorted(doc["items"].items()))
-    U.write_json(path, doc)
-    return doc
+# the table
 
 
 def _fmt_value(x: float | None) -> str:
@@ -251,7 +215,6 @@ def _fmt_side(s: dict) -> str:
 def format_table(items: dict[str, dict]) -> str:
     """A plain-text table: one row per figure (item, figure, ratio, numerator, denominator, target),
     a figure's note on an indented line below it."""
-    header = ("item", "figure", "ratio", "numerator", "denominator", "target")
     rows: list[tuple[str, ...] | str] = []
     for name, result in items.items():
         for fig in result.get("figures", []):
@@ -262,11 +225,8 @@ def format_table(items: dict[str, dict]) -> str:
                          _fmt_side(fig["denominator"]), target))
             if fig.get("note"):
                 rows.append(f"{'':4}note: {fig['note']}")
-    cells = [r for r in rows if isinstance(r, tuple)]
-    widths = [max(len(r[i]) for r in cells + [header]) for i in range(len(header))]
-    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    out += [r if isinstance(r, str) else "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    return "\n".join(out)
+    columns = [Column(t) for t in ("item", "figure", "ratio", "numerator", "denominator", "target")]
+    return "\n".join(format_columns(columns, rows))
 
 
 # --------------------------------------------------------------------------------------------

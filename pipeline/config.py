@@ -12,10 +12,12 @@ import types
 import typing
 from typing import Any, Callable, TypeVar
 
+from schemas.errors import UserError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key, value or preset that does not exist or does not parse."""
 
 

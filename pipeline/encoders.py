@@ -34,10 +34,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import io
 import math
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import uri as uri_lib
+from pipeline.weights import WeightsFileError, read_state_dict
+from schemas.errors import UserError
 
 ENCODER_NAMES: tuple[str, ...] = ("dinov2", "siglip2", "mae")
 ALIASES: dict[str, str] = {"siglip": "siglip2"}
@@ -58,11 +58,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 BASE_RESOLUTION = 256
 
 
-class EncoderWeightsError(ValueError):
+class EncoderWeightsError(UserError, ValueError):
     """A weights file that cannot be read, or does not fit the encoder's architecture."""
 
 
-class HubWeightsUnavailableError(RuntimeError):
+class HubWeightsUnavailableError(UserError, RuntimeError):
     """The model hub cannot be reached (offline, or the files are not cached)."""
 
 
@@ -554,61 +554,6 @@ def state_dict_checksum(sd: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-def read_state_dict(uri: str, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file (local path or fsspec URI): ``.safetensors``, or a torch pickle
-    (``.pt``/``.pth``/``.bin``/``.ckpt``, loaded with ``weights_only=True``) holding a state dict
-    or a dict with one under ``state_dict`` / ``model``. Keys starting with one of
-    ``skip_prefixes`` are left out (local safetensors files do not even read them)."""
-    location = uri_lib.normalize(uri)
-    if not uri_lib.exists(location):
-        raise FileNotFoundError(f"encoder weights file not found: {uri}")
-    lower = location.lower()
-    if lower.endswith(".safetensors"):
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load as load_safetensors_bytes
-
-        try:
-            if uri_lib.is_local(location):
-                with safe_open(location, framework="pt", device="cpu") as f:
-                    sd = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(skip_prefixes)}
-            else:
-                sd = load_safetensors_bytes(uri_lib.read_bytes(location))
-        except SafetensorError as e:
-            raise EncoderWeightsError(f"{uri}: not a readable safetensors file ({e})") from e
-    elif lower.endswith(_TORCH_SUFFIXES):
-        source = location if uri_lib.is_local(location) else io.BytesIO(uri_lib.read_bytes(location))
-        try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-            raise EncoderWeightsError(f"{uri}: not a readable torch weights file ({e})") from e
-        sd = _unwrap_state_dict(obj, uri)
-    else:
-        raise EncoderWeightsError(
-            f"{uri}: unsupported weights file type; expected .safetensors or one of {', '.join(_TORCH_SUFFIXES)}"
-        )
-    sd = {k: v for k, v in sd.items() if not k.startswith(skip_prefixes)}
-    bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise EncoderWeightsError(f"{uri}: entries that are not tensors: {bad[:8]}")
-    return sd
-
-
-def _unwrap_state_dict(obj: Any, uri: str) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            inner = obj.get(key)
-            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
-                return inner
-    raise EncoderWeightsError(
-        f"{uri}: expected a state dict (name -> tensor) or a dict with one under 'state_dict' or 'model'"
-    )
-
-
 def _env_true(var: str) -> bool:
     return os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -693,7 +638,12 @@ def build_encoder(name: str, resolution: int = BASE_RESOLUTION, weights: str = "
             path = weights
             info = {"source": "file", "ref": uri_lib.normalize(weights), "seed": None}
         # Whole SigLIP checkpoints carry a text tower as big as the vision one: not read.
-        sd = read_state_dict(path, skip_prefixes=("text_model.",))
+        try:
+            sd = read_state_dict(path, skip_prefixes=("text_model.",))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"encoder weights file not found: {weights}") from None
+        except WeightsFileError as e:
+            raise EncoderWeightsError(str(e)) from None
         layout = detect_layout(sd)
         if layout == "hf":
             sd = convert_hf_state_dict(name, sd)
@@ -707,6 +657,6 @@ def build_encoder(name: str, resolution: int = BASE_RESOLUTION, weights: str = "
 __all__ = [
     "ALIASES", "ENCODERS", "ENCODER_NAMES", "EncoderSpec", "EncoderWeightsError", "HubWeightsUnavailableError",
     "RAEEncoder", "build_encoder", "convert_hf_state_dict", "detect_layout", "encoder_input_size",
-    "fetch_hub_weights", "latent_shape", "read_state_dict", "resize_pos_embed", "resolve_encoder_name",
+    "fetch_hub_weights", "latent_shape", "resize_pos_embed", "resolve_encoder_name",
     "state_dict_checksum",
 ]

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from schemas.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,7 +48,7 @@ _PIL_DECODE_ERRORS = (
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(UserError, ValueError):
     """An image that cannot be decoded.
 
     ``reason`` is short and machine-friendly (it is counted and reported per store): one of

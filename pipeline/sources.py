@@ -51,17 +51,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import uri as uri_lib
+from schemas.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 KNOWN_SPLITS = ("train", "val", "validation", "test")
 FINGERPRINT_VERSION = "rae-source-fingerprint-v1"
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A source that cannot be listed: missing folder, no classes, bad column, bad class index."""
 
 
-class SourceChangedError(ValueError):
+class SourceChangedError(UserError, ValueError):
     """A file whose bytes differ from the listing the source (and its fingerprint) was made from."""
 
 

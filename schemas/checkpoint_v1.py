@@ -29,6 +29,8 @@ import json
 import re
 from typing import Any, ClassVar
 
+from schemas.errors import UserError
+
 FORMAT = "rae-checkpoint"
 VERSION = 1
 
@@ -45,7 +47,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 _EXTRA_WEIGHTS_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]*$")
 
 
-class CheckpointMetaError(ValueError):
+class CheckpointMetaError(UserError, ValueError):
     """meta.json (or a meta dict about to become one) breaks the v1 contract."""
 
 

@@ -55,6 +55,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
+from schemas.errors import UserError
+
 FORMAT = "rae-latent-store"
 VERSION = 1
 
@@ -79,7 +81,7 @@ STORAGE_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16
 COMPRESSORS = ("zstd", "none")
 
 
-class StoreSpecError(ValueError):
+class StoreSpecError(UserError, ValueError):
     """A spec that does not follow store spec v1; the message names the offending key."""
 
 
@@ -139,6 +141,22 @@ def encoder_identity(spec_or_encoder: dict | None) -> dict | None:
         "weights_source": enc["weights"]["source"],
     }
 
+
+
+def encoder_mismatch(a: dict | None, b: dict | None) -> str | None:
+    """Why two encoder identities (:func:`encoder_identity`) are incompatible, or None when they are.
+
+    Rule: ``name``, ``arch`` and ``input_size`` must be equal; ``weights_sha256`` is compared only
+    when both sides know it (imports record None). A None identity (unknown) matches anything.
+    """
+    if a is None or b is None:
+        return None
+    for key in ("name", "arch", "input_size"):
+        if a.get(key) != b.get(key):
+            return f"encoder {key} differs: {a.get(key)!r} vs {b.get(key)!r}"
+    if a.get("weights_sha256") and b.get("weights_sha256") and a["weights_sha256"] != b["weights_sha256"]:
+        return f"encoder weights differ: sha256 {a['weights_sha256'][:12]}... vs {b['weights_sha256'][:12]}..."
+    return None
 
 def latent_shape(spec: dict) -> tuple[int, int, int]:
     c, h, w = spec["latent"]["shape"]

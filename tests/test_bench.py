@@ -90,6 +90,29 @@ def test_the_registry_holds_the_items_in_order_and_only_checks_names():
         select_benchmarks("storage,nope")
 
 
+def test_the_harness_registry_and_results_file_serve_both_layouts(tmp_path):
+    """The harness under the bench and the drills: registration order, categories, checked names;
+    a results file in insertion order with run facts (the drills') and a strict one (the bench's)."""
+    from bench.harness import Registry, ResultsFile
+
+    reg = Registry("thing")
+    reg.register("b", "second", category="x")(len)
+    reg.register("a", "first")(len)
+    assert list(reg) == ["b", "a"] and reg["b"].category == "x" and reg["a"].category is None
+    with pytest.raises(ValueError, match="thing 'a' is registered twice"):
+        reg.register("a", "again")(len)
+    with pytest.raises(ValueError, match=r"unknown thing\(s\) \['c'\]"):
+        reg.select("a,c")
+    ordered = ResultsFile("t", 1, "things", "test", canonical=False, strict=False)
+    path = str(tmp_path / "t.json")
+    ordered.merge(path, {"z": {"v": 1}}, facts={"run": 1})
+    doc = ordered.merge(path, {"a": {"v": 2}, "z": {"v": 3}}, facts={"run": 2})
+    assert list(doc) == ["format", "version", "run", "things"] and list(doc["things"]) == ["z", "a"]
+    assert ordered.load(path) == doc and doc["things"]["z"] == {"v": 3}
+    with pytest.raises(ValueError, match="not a test results file"):
+        ResultsFile("t", 2, "things", "test", canonical=True, strict=True).load(path)  # a version-1 file
+
+
 def test_raw_read_counts_every_byte_of_a_stores_latent_objects(tmp_path):
     from bench.bench import _latent_objects
     from pipeline.store import StoreLayout, write_array_store

@@ -156,7 +156,7 @@ def test_reference_dataset_yields_the_encode_jobs_crop_and_its_flip(sample_root)
 
 def test_reference_batches_encode_every_batch_in_this_process(sample_root):
     from pipeline.encoders import build_encoder
-    from trainer.data import LatentNormalizer
+    from trainer.normalize import LatentNormalizer
 
     files, labels = labelled_files(sample_image_files(sample_root))
     encoder, _ = build_encoder("dinov2", 256, weights="random", seed=0, depth=1)  # the real architecture, 1 block

@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from pipeline.store import IncompleteStoreError, LatentStore, StoreError, StoreLayout, write_array_store
-from trainer.data import (
-    LatentLoader,
-    LatentNormalizer,
-    LoaderConfig,
-    epoch_sequence,
-    load_stats_file,
-)
+from trainer.data import LatentLoader, LoaderConfig, epoch_sequence
+from trainer.normalize import LatentNormalizer, load_stats_file
 
 SHAPE = (8, 4, 4)
 IDENTITY = LatentNormalizer(None, None, eps=0.0)  # z / sqrt(1 + 0): batches carry the stored values

@@ -1,4 +1,4 @@
-"""The RAE decoder against section 3 of rae-checkpoint-format.md, and its noise augmentation.
+"""The RAE decoder against section 3 of docs/checkpoint-format.md, and its noise augmentation.
 
 Expected key sets, unpatchify order and the position table are written here from the format
 doc's text, independently of the module; the layer math is checked against the Hugging Face

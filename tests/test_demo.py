@@ -1,4 +1,4 @@
-"""``make demo`` (pipeline.demo): every stage after encode on the session's sample store, with
+"""``make demo`` (pipeline.cli.demo): every stage after encode on the session's sample store, with
 tiny step counts; the report must show each stage's output, and the random-weights banner must be
 printed."""
 import os
@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from pipeline import demo
+from pipeline.cli import demo
 
 
 @pytest.mark.timeout(600)

@@ -1,6 +1,6 @@
 """DiT^DH / DiT: sizes, key layout, init, class dropout, position tables, and the exact forward function.
 
-Everything expected here is written from docs/rae-checkpoint-format.md (sections 1-2), not derived
+Everything expected here is written from docs/checkpoint-format.md (sections 1-2), not derived
 from the model: the key/shape tables, the pos_embed and RoPE tables, and an independent float64
 re-computation of the forward equations that the model must match with random weights.
 """
@@ -228,7 +228,8 @@ def test_position_tables_match_the_doc(input_size, patch_size):
 
 
 def test_real_size_tables_match_the_doc():
-    from trainer.models.dit import axial_rope_tables, sincos_pos_embed_2d
+    from trainer.models.dit import axial_rope_tables
+    from trainer.models.position import sincos_pos_embed_2d
 
     torch.testing.assert_close(sincos_pos_embed_2d(1152, 16), doc_pos_embed(1152, 16), rtol=0, atol=1e-12)
     for head_dim in (72, 128):  # XL backbone and DDT head

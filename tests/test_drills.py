@@ -14,7 +14,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from bench import drills as D
+from bench.drills import format_table, load_results, merge_results
+from bench.drills.context import DRILLS, WORK_MARKER, DrillContext, DrillOptions, DrillRecord, select_drills
+from bench.drills.inputs import _jpeg_with_header_size, write_bad_input
+from bench.drills.tools import (Job, MemorySampler, compare_digests, describe_comparison, encode_outcome, error_line,
+                                flip_bytes, line_with, proc_memory_kib, proc_title, proc_tree, records_written,
+                                store_digests)
 from bench.faultproxy import FAULT_KINDS, FaultProxy, FaultRates
 
 # --------------------------------------------------------------------------------------------
@@ -237,31 +242,31 @@ def test_memory_sampler_sees_a_childs_peak_and_the_process_tree():
             "print(c.pid, flush=True); time.sleep(30)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
-        sampler = D.MemorySampler(proc.pid, None, interval_s=0.02).start()
+        sampler = MemorySampler(proc.pid, None, interval_s=0.02).start()
         grandchild = int(proc.stdout.readline())  # after the 150 MiB were freed again
         time.sleep(0.1)
-        assert set(D.proc_tree(proc.pid)) == {proc.pid, grandchild}
+        assert set(proc_tree(proc.pid)) == {proc.pid, grandchild}
         summary = sampler.stop()
     finally:
-        for pid in D.proc_tree(proc.pid)[::-1]:
+        for pid in proc_tree(proc.pid)[::-1]:
             os.kill(pid, 9)
         proc.wait()
     # The peak survives the free (VmHWM); RSS now is lower.
     assert summary["peak_mib_by_role"]["driver"] >= 150
     assert summary["max_process_peak_mib"] >= 150 and summary["processes"] == 2
-    rss, hwm = D.proc_memory_kib(os.getpid())
+    rss, hwm = proc_memory_kib(os.getpid())
     assert 0 < rss <= hwm
-    assert D.proc_memory_kib(2**22 + 12345) is None and D.proc_title(2**22 + 12345) == ""
+    assert proc_memory_kib(2**22 + 12345) is None and proc_title(2**22 + 12345) == ""
 
 
 def test_job_wait_kills_on_timeout_and_error_lines(tmp_path):
-    ctx = D.DrillContext(D.DrillOptions(work_dir=str(tmp_path / "w")))
+    ctx = DrillContext(DrillOptions(work_dir=str(tmp_path / "w")))
     try:
         job, rc = ctx.run("sleeper", [sys.executable, "-c", "import time; time.sleep(60)"], timeout_s=0.5)
         assert rc == -9 and job.seconds < 30
         code = "import sys; print('Error: the store is gone', file=sys.stderr); sys.exit(1)"
         job, rc = ctx.run("fails", [sys.executable, "-c", code])
-        assert rc == 1 and D.error_line(job.stderr()) == "Error: the store is gone"
+        assert rc == 1 and error_line(job.stderr()) == "Error: the store is gone"
         env = ctx.s3_env("http://127.0.0.1:9")
         assert env["AWS_ENDPOINT_URL"] == "http://127.0.0.1:9" and env["RAY_AUTH_MODE"] == "disabled"
         assert "AWS_ENDPOINT_URL" not in ctx.env()
@@ -271,25 +276,25 @@ def test_job_wait_kills_on_timeout_and_error_lines(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="not emptying"):
-        D.DrillContext(D.DrillOptions(work_dir=str(tmp_path / "mine")))
+        DrillContext(DrillOptions(work_dir=str(tmp_path / "mine")))
     assert (tmp_path / "mine" / "keep.txt").exists()
-    D.DrillContext(D.DrillOptions(work_dir=str(tmp_path / "w"))).close()
-    assert sorted(os.listdir(tmp_path / "w")) == [D.WORK_MARKER, "logs"]
+    DrillContext(DrillOptions(work_dir=str(tmp_path / "w"))).close()
+    assert sorted(os.listdir(tmp_path / "w")) == [WORK_MARKER, "logs"]
     tb = "Traceback (most recent call last):\n  File x\nray.exceptions.RayTaskError: boom\nValueError: bad shard 3\n"
-    assert D.error_line(tb) == "ValueError: bad shard 3"
-    assert D.line_with("a\nStoreError: shard(s) [1]\nb", r"shard\(s\)") == "StoreError: shard(s) [1]"
+    assert error_line(tb) == "ValueError: bad shard 3"
+    assert line_with("a\nStoreError: shard(s) [1]\nb", r"shard\(s\)") == "StoreError: shard(s) [1]"
 
 
 def test_encode_outcome_reads_what_the_cli_says(tmp_path):
     out, err = tmp_path / "o", tmp_path / "e"
     out.write_text("/x/stores/dinov2_train_256px_abc\n")
     err.write_text("encoded 12 images in 3 shard(s), 0.65 images/s, 2 failed; run log /x/_runs/r.json\n")
-    job = D.Job("j", [], None, str(out), str(err), time.monotonic())
-    got = D.encode_outcome(job, 0)
+    job = Job("j", [], None, str(out), str(err), time.monotonic())
+    got = encode_outcome(job, 0)
     assert (got["images"], got["shards_encoded"], got["failed"]) == (12, 3, 2)
     assert got["uri"] == "/x/stores/dinov2_train_256px_abc"
     err.write_text("store is complete, reused: /x\n")
-    assert D.encode_outcome(job, 0)["reused"] is True
+    assert encode_outcome(job, 0)["reused"] is True
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,17 +307,17 @@ def test_store_digests_compare_and_flip_bytes(tmp_path):
         (root / "latents" / "c" / "1").mkdir(parents=True)
         (root / "latents" / "c" / "1" / "0").write_bytes(b"\x00" * 100)
         (root / "spec.json").write_text("{}")
-    assert D.compare_digests(D.store_digests(str(a)), D.store_digests(str(b)))["identical"]
-    D.flip_bytes(str(b / "latents" / "c" / "1" / "0"), 10, 4)
+    assert compare_digests(store_digests(str(a)), store_digests(str(b)))["identical"]
+    flip_bytes(str(b / "latents" / "c" / "1" / "0"), 10, 4)
     assert (b / "latents" / "c" / "1" / "0").read_bytes()[8:16] == b"\x00\x00" + b"\xff" * 4 + b"\x00\x00"
     (b / ".tmp-leftover").write_bytes(b"x")
     (b / "spec.json").unlink()
-    c = D.compare_digests(D.store_digests(str(b)), D.store_digests(str(a)))
+    c = compare_digests(store_digests(str(b)), store_digests(str(a)))
     assert not c["identical"] and c["differ"] == ["latents/c/1/0"] and c["missing"] == ["spec.json"]
-    assert c["extra"] == [".tmp-leftover"] and "NOT identical" in D.describe_comparison(c)
+    assert c["extra"] == [".tmp-leftover"] and "NOT identical" in describe_comparison(c)
     (a / "records").mkdir()
     (a / "records" / "shard-000000.json").write_text("{}")
-    assert D.records_written(str(a)) == 1
+    assert records_written(str(a)) == 1
 
 
 def test_bad_input_folder_fails_the_way_it_is_expected_to(tmp_path):
@@ -321,7 +326,7 @@ def test_bad_input_folder_fails_the_way_it_is_expected_to(tmp_path):
     from pipeline.sample_data import ensure_sample_data
 
     sample = ensure_sample_data(str(tmp_path / "sample"))
-    expected = D.write_bad_input(str(tmp_path / "bad"), sample)
+    expected = write_bad_input(str(tmp_path / "bad"), sample)
     assert sum(v == "ok" for v in expected.values()) == 13 and expected["odd/notes.txt"] == "not an item"
     for key, want in expected.items():
         data = (tmp_path / "bad" / "train" / key).read_bytes()
@@ -334,25 +339,36 @@ def test_bad_input_folder_fails_the_way_it_is_expected_to(tmp_path):
             got = e.reason
         assert got == want or (want == "truncated|corrupt" and got in ("truncated", "corrupt")), key
     with pytest.raises(ValueError, match="no SOF"):
-        D._jpeg_with_header_size(b"\xff\xd8\xff\xd9", 1, 1)
+        _jpeg_with_header_size(b"\xff\xd8\xff\xd9", 1, 1)
 
 
 def test_registry_table_and_results_file(tmp_path):
-    assert D.select_drills(None) == list(D.DRILLS)
-    assert D.select_drills("train_nan, encode_driver_kill") == ["encode_driver_kill", "train_nan"]
+    assert select_drills(None) == list(DRILLS)
+    assert select_drills("train_nan, encode_driver_kill") == ["encode_driver_kill", "train_nan"]
     with pytest.raises(ValueError, match="unknown drill"):
-        D.select_drills("nope")
-    rec = D.DrillRecord("train_nan", "training", did="d", expected="e", happened="h " * 80, lost="nothing", ok=True,
+        select_drills("nope")
+    rec = DrillRecord("train_nan", "training", did="d", expected="e", happened="h " * 80, lost="nothing", ok=True,
                         seconds=3.25, findings=["a gap"])
-    bad = D.DrillRecord("corrupt_chunk", "storage", error="RuntimeError: x")
-    table = D.format_table({"train_nan": rec.to_dict(), "corrupt_chunk": bad.to_dict()})
+    bad = DrillRecord("corrupt_chunk", "storage", error="RuntimeError: x")
+    table = format_table({"train_nan": rec.to_dict(), "corrupt_chunk": bad.to_dict()})
     assert "train_nan" in table and "PASS" in table and "ERROR" in table and "finding:  a gap" in table
     assert max(len(line) for line in table.splitlines()) <= 110
     path = str(tmp_path / "drills.json")
-    D.merge_results(path, {"command": "one"}, {"train_nan": rec.to_dict()})
-    out = D.merge_results(path, {"command": "two"}, {"corrupt_chunk": bad.to_dict()})
+    merge_results(path, {"command": "one"}, {"train_nan": rec.to_dict()})
+    out = merge_results(path, {"command": "two"}, {"corrupt_chunk": bad.to_dict()})
     assert out["command"] == "two" and set(out["drills"]) == {"train_nan", "corrupt_chunk"}
-    assert D.load_results(path)["drills"]["train_nan"]["ok"] is True
+    assert load_results(path)["drills"]["train_nan"]["ok"] is True
     (tmp_path / "other.json").write_text(json.dumps({"format": "something-else"}))
-    assert D.load_results(str(tmp_path / "other.json")) == {}
+    assert load_results(str(tmp_path / "other.json"))["drills"] == {}  # replaced by the next merge
+    out = merge_results(str(tmp_path / "other.json"), {"command": "three"}, {"train_nan": rec.to_dict()})
+    assert list(out) == ["format", "version", "command", "drills"] and list(out["drills"]) == ["train_nan"]
+
+
+def test_the_package_runs_as_a_module_with_every_drill_in_order():
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "bench.drills", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=repo)
+    assert out.returncode == 0, out.stderr
+    assert " ".join(out.stdout.split()).count(", ".join(DRILLS)) == 1
+    assert [DRILLS[n].category for n in DRILLS] == ["encode"] * 3 + ["storage"] * 3 + ["training"] * 2 + ["input"]
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline import encode as encode_mod
+from pipeline import encode_tasks
 from pipeline import uri as U
 from pipeline.encode import EncodeConfig, build_configured_encoder, encode, plan_encode
 from pipeline.preprocess import preprocess_image_bytes, to_unit_float
@@ -94,6 +95,8 @@ def test_second_run_reuses_the_complete_store(sample_store, sample_store_config,
 
     for name in ("ray_session", "_run_pipeline", "read_shard", "encode_pixels"):
         monkeypatch.setattr(encode_mod, name, must_not_run)
+    for name in ("read_shard", "encode_pixels", "write_shard_row"):
+        monkeypatch.setattr(encode_tasks, name, must_not_run)
     monkeypatch.setattr(StoreWriter, "write_shard", must_not_run)
     monkeypatch.setattr(StoreWriter, "finalize", must_not_run)
     t = time.perf_counter()

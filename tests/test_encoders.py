@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pipeline import encoders as enc_lib
+from pipeline.weights import WeightsFileError, read_state_dict
 from pipeline.encoders import (
     ALIASES,
     ENCODER_NAMES,
@@ -32,7 +33,6 @@ from pipeline.encoders import (
     convert_hf_state_dict,
     encoder_input_size,
     latent_shape,
-    read_state_dict,
     resolve_encoder_name,
     state_dict_checksum,
 )
@@ -377,11 +377,13 @@ def test_unreadable_or_missing_files(tmp_path):
         build_encoder("dinov2", weights=str(tmp_path / "nope.safetensors"))
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file")
-    with pytest.raises(EncoderWeightsError, match="bad.safetensors"):
+    with pytest.raises(WeightsFileError, match="bad.safetensors"):
         read_state_dict(str(bad))
+    with pytest.raises(EncoderWeightsError, match="bad.safetensors"):
+        build_encoder("dinov2", weights=str(bad))
     other = tmp_path / "weights.npz"
     other.write_bytes(b"x")
-    with pytest.raises(EncoderWeightsError, match="unsupported weights file type"):
+    with pytest.raises(WeightsFileError, match="unsupported weights file type"):
         read_state_dict(str(other))
     nested = tmp_path / "ckpt.pt"
     torch.save({"step": 3, "model": {"a": torch.ones(2)}}, nested)

@@ -1,4 +1,4 @@
-"""Sample-quality metrics (trainer/evaluate.py) and the `evaluate` / `ref-stats` commands.
+"""Sample-quality metrics (trainer/metrics/) and the `evaluate` / `ref-stats` commands.
 
 CPU and offline: the Inception network has seeded random weights (no weights file exists here),
 and a weights file written from that network exercises the file-loading path. Inception costs
@@ -21,12 +21,14 @@ import scipy.ndimage
 import torch
 import typer
 from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from typer.testing import CliRunner
 
 from pipeline import uri as U
-from pipeline.cli_evaluate import register
+from pipeline.cli.evaluate import register
 from pipeline.preprocess import preprocess_image_bytes
-from trainer import evaluate as E
+from trainer import metrics as M
+from trainer.metrics.inception import _ImagesNHWC
 
 runner = CliRunner()
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -45,7 +47,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def extractor():
-    ext, _ = E.load_inception("random", "cpu")
+    ext, _ = M.load_inception("random", "cpu")
     return ext
 
 
@@ -88,7 +90,7 @@ def image_sets(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def our_features(extractor, image_sets) -> dict:
-    return {name: E.inception_features(image_sets[name], extractor, batch_size=64) for name in ("A", "B")}
+    return {name: M.inception_features(image_sets[name], extractor, batch_size=64) for name in ("A", "B")}
 
 
 def _fid_low_rank(x: np.ndarray, y: np.ndarray) -> float:
@@ -109,51 +111,51 @@ def test_frechet_distance_matches_scipy_sqrtm():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(400, 24))
     y = rng.normal(size=(300, 24)) @ (0.4 * rng.normal(size=(24, 24))) + 0.7
-    mu1, s1 = E.feature_statistics(x)
-    mu2, s2 = E.feature_statistics(y)
+    mu1, s1 = M.feature_statistics(x)
+    mu2, s2 = M.feature_statistics(y)
     np.testing.assert_allclose(mu1, x.mean(0))
     np.testing.assert_allclose(s1, np.cov(x, rowvar=False))
     covmean = scipy.linalg.sqrtm(s1 @ s2)
     expected = float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
-    assert E.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
-    assert E.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9)
+    assert M.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert M.frechet_distance(mu2, s2, mu1, s1) == pytest.approx(expected, rel=1e-9)
     # Identical sets: 0 up to rounding (relative to the traces involved).
-    assert abs(E.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)
+    assert abs(M.frechet_distance(mu1, s1, mu1, s1)) < 1e-9 * np.trace(s1)
     # Fewer samples than dimensions (rank-deficient covariances, as in the tests below): the
     # eigenvalue route agrees with the exact low-rank formula, up to the square roots of the
     # rounding-level eigenvalues of the null space (sqrt(1e-16) each).
     xs, ys = x[:9, :], y[:7, :] * 2
-    assert E.frechet_distance(*E.feature_statistics(xs), *E.feature_statistics(ys)) == pytest.approx(
+    assert M.frechet_distance(*M.feature_statistics(xs), *M.feature_statistics(ys)) == pytest.approx(
         _fid_low_rank(xs, ys), rel=1e-7)
     # The N x N route compute_metrics takes for N - 1 < D, against the same two; and for N - 1 >= D
     # it hands over to frechet_distance.
-    assert E.frechet_distance_from_features(xs, *E.feature_statistics(ys)) == pytest.approx(_fid_low_rank(xs, ys), rel=1e-11)
-    assert E.frechet_distance_from_features(xs, mu2, s2) == pytest.approx(
-        E.frechet_distance(*E.feature_statistics(xs), mu2, s2), rel=1e-7)
-    assert E.frechet_distance_from_features(x, mu2, s2) == E.frechet_distance(mu1, s1, mu2, s2)
-    with pytest.raises(E.EvaluationError, match="shape"):
-        E.frechet_distance(mu1, s1, mu2[:10], s2[:10, :10])
-    with pytest.raises(E.EvaluationError, match="N >= 2"):
-        E.feature_statistics(x[:1])
+    assert M.frechet_distance_from_features(xs, *M.feature_statistics(ys)) == pytest.approx(_fid_low_rank(xs, ys), rel=1e-11)
+    assert M.frechet_distance_from_features(xs, mu2, s2) == pytest.approx(
+        M.frechet_distance(*M.feature_statistics(xs), mu2, s2), rel=1e-7)
+    assert M.frechet_distance_from_features(x, mu2, s2) == M.frechet_distance(mu1, s1, mu2, s2)
+    with pytest.raises(M.EvaluationError, match="shape"):
+        M.frechet_distance(mu1, s1, mu2[:10], s2[:10, :10])
+    with pytest.raises(M.EvaluationError, match="N >= 2"):
+        M.feature_statistics(x[:1])
 
 
 def test_inception_score_uniform_confident_and_hand_formula():
-    assert E.inception_score(np.zeros((100, 10))) == pytest.approx((1.0, 0.0), abs=1e-12)
+    assert M.inception_score(np.zeros((100, 10))) == pytest.approx((1.0, 0.0), abs=1e-12)
     # Confident and evenly spread over 10 classes: IS = 10, from logits or probabilities.
     labels = np.tile(np.arange(10), 10)
     onehot = np.eye(10)[labels]
-    assert E.inception_score(onehot, splits=1, kind="probs")[0] == pytest.approx(10.0, rel=1e-9)
-    assert E.inception_score(100.0 * onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-9)
+    assert M.inception_score(onehot, splits=1, kind="probs")[0] == pytest.approx(10.0, rel=1e-9)
+    assert M.inception_score(100.0 * onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-9)
     # Every block of 10 rows holds each class once: in file order, each split scores 10.
-    assert E.inception_score(onehot, splits=10, kind="probs", shuffle=False) == pytest.approx((10.0, 0.0), abs=1e-9)
+    assert M.inception_score(onehot, splits=10, kind="probs", shuffle=False) == pytest.approx((10.0, 0.0), abs=1e-9)
     # Random predictions against ADM's formula, one split (shuffling cannot matter then).
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(64, 7)) * 2
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     kl = p * (np.log(p) - np.log(p.mean(0, keepdims=True)))
-    assert E.inception_score(logits, splits=1)[0] == pytest.approx(float(np.exp(kl.sum(1).mean())), rel=1e-10)
-    with pytest.raises(E.EvaluationError, match="sum to 1"):
-        E.inception_score(logits, kind="probs")
+    assert M.inception_score(logits, splits=1)[0] == pytest.approx(float(np.exp(kl.sum(1).mean())), rel=1e-10)
+    with pytest.raises(M.EvaluationError, match="sum to 1"):
+        M.inception_score(logits, kind="probs")
 
 
 def _brute_force_precision_recall(real, fake, k):
@@ -170,15 +172,15 @@ def _brute_force_precision_recall(real, fake, k):
 def test_precision_recall_identical_disjoint_and_definition():
     rng = np.random.default_rng(3)
     real = rng.normal(size=(50, 16)).astype(np.float32)
-    assert E.precision_recall(real, real.copy()) == (1.0, 1.0)
-    assert E.precision_recall(real, real + 1000.0) == (0.0, 0.0)
+    assert M.precision_recall(real, real.copy()) == (1.0, 1.0)
+    assert M.precision_recall(real, real + 1000.0) == (0.0, 0.0)
     fake = (rng.normal(size=(40, 16)) * 1.3 + 0.8).astype(np.float32)
-    got = E.precision_recall(real, fake, k=3)
+    got = M.precision_recall(real, fake, k=3)
     want = _brute_force_precision_recall(real.astype(np.float64), fake.astype(np.float64), 3)
     assert got == pytest.approx(want, abs=1e-6)  # torch-fidelity averages in float32
     assert 0.0 < got[0] < 1.0 and 0.0 < got[1] < 1.0
-    with pytest.raises(E.EvaluationError, match="at least 4"):
-        E.precision_recall(real[:3], fake)
+    with pytest.raises(M.EvaluationError, match="at least 4"):
+        M.precision_recall(real[:3], fake)
 
 
 # --------------------------------------------------------------------------------------------
@@ -204,19 +206,19 @@ def test_psnr_and_ssim():
     b = np.clip(a.astype(int) + rng.integers(-40, 41, size=a.shape), 0, 255).astype(np.uint8)
     # PSNR: a constant offset of 10 has MSE 100.
     flat = np.full((1, 3, 16, 16), 100, np.uint8)
-    assert E.psnr(flat, flat + 10) == pytest.approx(10 * np.log10(255**2 / 100))
-    assert E.psnr(a, a) == float("inf")
+    assert M.psnr(flat, flat + 10) == pytest.approx(10 * np.log10(255**2 / 100))
+    assert M.psnr(a, a) == float("inf")
     mse = ((a.astype(float) - b) ** 2).reshape(2, -1).mean(1)
-    np.testing.assert_allclose(E.psnr(a, b, per_image=True), 10 * np.log10(255**2 / mse))
+    np.testing.assert_allclose(M.psnr(a, b, per_image=True), 10 * np.log10(255**2 / mse))
     # float [0, 1] images mean value / 255; channels-last gives the same numbers.
-    assert E.psnr(a / 255.0, torch.from_numpy(b)) == pytest.approx(E.psnr(a, b), rel=1e-12)
-    assert E.ssim(a.transpose(0, 2, 3, 1), b.transpose(0, 2, 3, 1), channels_last=True) == pytest.approx(E.ssim(a, b))
+    assert M.psnr(a / 255.0, torch.from_numpy(b)) == pytest.approx(M.psnr(a, b), rel=1e-12)
+    assert M.ssim(a.transpose(0, 2, 3, 1), b.transpose(0, 2, 3, 1), channels_last=True) == pytest.approx(M.ssim(a, b))
     # SSIM against scipy's filter, per image.
-    per_image = E.ssim(a, b, per_image=True)
+    per_image = M.ssim(a, b, per_image=True)
     for i in range(2):
         assert per_image[i] == pytest.approx(_ssim_scipy(a[i], b[i]), rel=1e-10)
-    assert E.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
-    assert 0.0 < E.ssim(a, b) < 1.0
+    assert M.ssim(a, a) == pytest.approx(1.0, abs=1e-12)
+    assert 0.0 < M.ssim(a, b) < 1.0
     # An 11 x 11 image is a single window: the weighted statistics by hand.
     x, y = a[0, :1, :11, :11].astype(float), b[0, :1, :11, :11].astype(float)
     g = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5**2))
@@ -225,11 +227,11 @@ def test_psnr_and_ssim():
     vx, vy, cxy = (w * (x[0] - mx) ** 2).sum(), (w * (y[0] - my) ** 2).sum(), (w * (x[0] - mx) * (y[0] - my)).sum()
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
     hand = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    assert E.ssim(x.astype(np.uint8), y.astype(np.uint8)) == pytest.approx(hand, rel=1e-10)
+    assert M.ssim(x.astype(np.uint8), y.astype(np.uint8)) == pytest.approx(hand, rel=1e-10)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        E.psnr(a / 255.0 * 1.5, a / 255.0)
+        M.psnr(a / 255.0 * 1.5, a / 255.0)
     with pytest.raises(ValueError, match="at least 11"):
-        E.ssim(a[:, :, :8, :8], b[:, :, :8, :8])
+        M.ssim(a[:, :, :8, :8], b[:, :, :8, :8])
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,21 +245,21 @@ def test_random_weights_and_the_file_loading_path(extractor, weights_file, tmp_p
     from pipeline.encoders import state_dict_checksum
 
     # Seeded: a fresh init is the same network.
-    assert state_dict_checksum(E.random_inception_state_dict(0)) == info["state_dict_sha256"]
+    assert state_dict_checksum(M.random_inception_state_dict(0)) == info["state_dict_sha256"]
 
-    loaded, file_info = E.load_inception(weights_file)
+    loaded, file_info = M.load_inception(weights_file)
     assert file_info["source"] == "file" and file_info["path"] == weights_file
     assert file_info["sha256"] == hashlib.sha256(open(weights_file, "rb").read()).hexdigest()
     assert file_info["state_dict_sha256"] == info["state_dict_sha256"]
     assert file_info["reference_weights"] is False
-    assert isinstance(loaded.network, E.FeatureExtractorInceptionV3) and not loaded.network.training
+    assert isinstance(loaded.network, FeatureExtractorInceptionV3) and not loaded.network.training
 
     bad = tmp_path / "bad.pth"
     torch.save({"conv.weight": torch.zeros(3)}, bad)
-    with pytest.raises(E.InceptionWeightsError, match="bad.pth.*inception-v3-compat"):
-        E.load_inception(str(bad))
-    with pytest.raises(E.InceptionWeightsError, match="not found"):
-        E.load_inception(str(tmp_path / "missing.pth"))
+    with pytest.raises(M.InceptionWeightsError, match="bad.pth.*inception-v3-compat"):
+        M.load_inception(str(bad))
+    with pytest.raises(M.InceptionWeightsError, match="not found"):
+        M.load_inception(str(tmp_path / "missing.pth"))
 
 
 def _free_port() -> int:
@@ -270,8 +272,8 @@ def test_hub_weights_offline_fail_at_once_with_advice(monkeypatch, tmp_path, wei
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.perf_counter()
-    with pytest.raises(E.InceptionWeightsUnavailable, match="HF_HUB_OFFLINE.*--inception-weights PATH"):
-        E.load_inception("hub")
+    with pytest.raises(M.InceptionWeightsUnavailable, match="HF_HUB_OFFLINE.*--inception-weights PATH"):
+        M.load_inception("hub")
     assert time.perf_counter() - t < 5
     # The default of the CLI says the same, as a usage error on --inception-weights.
     result = runner.invoke(app, ["evaluate", "--samples", image_sets["A_npz"], "--ref", image_sets["B_npz"]])
@@ -280,16 +282,16 @@ def test_hub_weights_offline_fail_at_once_with_advice(monkeypatch, tmp_path, wei
     # Not offline, but the host does not answer: the HEAD probe fails at once.
     monkeypatch.delenv("HF_HUB_OFFLINE")
     url = f"http://127.0.0.1:{_free_port()}/weights-inception-2015-12-05-6726825d.pth"
-    with pytest.raises(E.InceptionWeightsUnavailable, match="cannot reach"):
-        E.load_inception("hub", hub_url=url)
+    with pytest.raises(M.InceptionWeightsUnavailable, match="cannot reach"):
+        M.load_inception("hub", hub_url=url)
 
     # A cached file is used offline, and checked against the hash in its name.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cache = tmp_path / "torch" / "hub" / "checkpoints"
     cache.mkdir(parents=True)
     os.symlink(weights_file, cache / "weights-inception-2015-12-05-6726825d.pth")
-    with pytest.raises(E.InceptionWeightsError, match="corrupt or was replaced"):
-        E.load_inception("hub")
+    with pytest.raises(M.InceptionWeightsError, match="corrupt or was replaced"):
+        M.load_inception("hub")
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,7 +301,7 @@ def test_hub_weights_offline_fail_at_once_with_advice(monkeypatch, tmp_path, wei
 def test_dataset_items_are_what_torch_fidelity_reads_from_files(image_sets):
     from torch_fidelity.datasets import ImagesPathDataset
 
-    ours = E._ImagesNHWC(image_sets["A"])
+    ours = _ImagesNHWC(image_sets["A"])
     files = sorted(os.path.join(image_sets["A_dir"], f) for f in os.listdir(image_sets["A_dir"]))
     theirs = ImagesPathDataset(files)
     assert len(ours) == len(theirs) == 4
@@ -334,10 +336,10 @@ def test_features_and_metrics_match_torch_fidelity(our_features, weights_file, i
         )
 
     a, b = our_features["A"], our_features["B"]
-    is_mean, is_std = E.inception_score(a["logits_unbiased"], splits=2)
+    is_mean, is_std = M.inception_score(a["logits_unbiased"], splits=2)
     assert is_mean == pytest.approx(theirs[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-6)
     assert is_std == pytest.approx(theirs[torch_fidelity.KEY_METRIC_ISC_STD], rel=1e-4, abs=1e-9)
-    precision, recall = E.precision_recall(b["pool"], a["pool"], k=3)
+    precision, recall = M.precision_recall(b["pool"], a["pool"], k=3)
     assert (precision, recall) == (theirs[torch_fidelity.KEY_METRIC_PRECISION], theirs[torch_fidelity.KEY_METRIC_RECALL])
     assert a["spatial"].shape == (4, 7 * 17 * 17) and (a["spatial"] >= 0).all()  # post-ReLU map
 
@@ -380,14 +382,14 @@ def test_ref_stats_from_npz_then_evaluate_writes_json(our_features, image_sets, 
     assert m["fid"] > 1.0 and m["sfid"] > 1.0
     assert m["fid"] == pytest.approx(_fid_low_rank(a["pool"], b["pool"]), rel=1e-5)
     assert m["sfid"] == pytest.approx(_fid_low_rank(a["spatial"], b["spatial"]), rel=1e-5)
-    assert m["inception_score_mean"] == pytest.approx(E.inception_score(a["logits_unbiased"])[0], rel=1e-6)
-    assert (m["precision"], m["recall"]) == E.precision_recall(b["pool"], a["pool"])
+    assert m["inception_score_mean"] == pytest.approx(M.inception_score(a["logits_unbiased"])[0], rel=1e-6)
+    assert (m["precision"], m["recall"]) == M.precision_recall(b["pool"], a["pool"])
     assert m["reference"]["fid_statistics"] == "reference statistics file (ref-stats)"
 
     # Statistics of another network are refused before any image is looked at.
     info = json.loads(str(stats["inception"]))
     info["state_dict_sha256"] = "0" * 64
-    E.save_reference_stats({**stats, "inception": np.array(json.dumps(info))}, str(tmp_path / "other.npz"))
+    M.save_reference_stats({**stats, "inception": np.array(json.dumps(info))}, str(tmp_path / "other.npz"))
     result = runner.invoke(app, ["evaluate", "--samples", image_sets["A_npz"], "--ref", str(tmp_path / "other.npz"),
                                  "--inception-weights", "random", "--device", "cpu", "--no-progress"])
     assert result.exit_code == 1 and "another Inception network" in result.output
@@ -398,17 +400,17 @@ def test_adm_reference_batch_with_random_weights(extractor, our_features, image_
     # not used, and the statistics come from arr_0.
     b = image_sets["B"][:2]
     np.savez(tmp_path / "adm.npz", arr_0=b, mu=np.zeros(2048), sigma=np.eye(2048))
-    ref = E.load_reference(str(tmp_path / "adm.npz"), extractor)
+    ref = M.load_reference(str(tmp_path / "adm.npz"), extractor)
     assert "not used" in ref.origin and ref.num_images == 2 and ref.pool.shape == (2, 2048)
-    direct = E.inception_features(b, extractor)
+    direct = M.inception_features(b, extractor)
     np.testing.assert_allclose(ref.mu, direct["pool"].mean(0), rtol=1e-6)
     np.testing.assert_allclose(ref.pool, our_features["B"]["pool"][:2], rtol=1e-4, atol=1e-5)
     np.savez(tmp_path / "stats_only.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    with pytest.raises(E.EvaluationError, match="no images"):
-        E.load_reference(str(tmp_path / "stats_only.npz"), extractor)
+    with pytest.raises(M.EvaluationError, match="no images"):
+        M.load_reference(str(tmp_path / "stats_only.npz"), extractor)
     np.savez(tmp_path / "nothing.npz", foo=np.zeros(3))
-    with pytest.raises(E.EvaluationError, match="neither images"):
-        E.load_reference(str(tmp_path / "nothing.npz"), extractor)
+    with pytest.raises(M.EvaluationError, match="neither images"):
+        M.load_reference(str(tmp_path / "nothing.npz"), extractor)
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,27 +457,44 @@ def _write_store(uri: str, kind: str, source_uri: str, refs: list[dict]):
     return uri
 
 
-def test_image_sets_read_the_right_pixels(tmp_path, image_sets):
+def _parquet_source(tmp_path, tree: dict[str, bytes], rows_per_group: int, num_files: int):
+    """The images of ``tree`` as a Parquet source: (its root, each item's bytes, each item's store
+    source reference), items in listing order."""
     from pipeline.sample_data import write_sample_parquet
     from pipeline.sources import open_source
 
+    (tmp_path / "if" / "train").mkdir(parents=True)
+    for rel, data in tree.items():
+        dest = tmp_path / "if" / "train" / rel.split("/")[0] / rel.split("/")[-1]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+    root = write_sample_parquet(str(tmp_path / "if"), str(tmp_path / "pq"), rows_per_group=rows_per_group,
+                                num_files=num_files)
+    listing = open_source(root, "train")
+    blobs = listing.read_group(listing.items)
+    refs = [{"index": i, "id": it.index, "key": it.key, "uri": it.uri, "row": it.row, "size": len(d),
+             "sha256": U.sha256_bytes(d), "label": it.label} for i, (it, d) in enumerate(zip(listing.items, blobs))]
+    return root, blobs, refs
+
+
+def test_image_sets_read_the_right_pixels(tmp_path, image_sets):
     # npz: memory-mapped when stored uncompressed; a seeded subset in file order.
-    mapped = E.read_npz_images(image_sets["A_npz"])
+    mapped = M.read_npz_images(image_sets["A_npz"])
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, image_sets["A"])
     np.savez_compressed(tmp_path / "c.npz", arr_0=image_sets["A"])
-    assert np.array_equal(E.read_npz_images(str(tmp_path / "c.npz")), image_sets["A"])
-    subset = E.npz_image_set(image_sets["A_npz"], num=2, seed=3)
+    assert np.array_equal(M.read_npz_images(str(tmp_path / "c.npz")), image_sets["A"])
+    subset = M.npz_image_set(image_sets["A_npz"], num=2, seed=3)
     idx = np.sort(np.random.default_rng(3).choice(4, 2, replace=False))
     assert np.array_equal(np.concatenate(list(subset.chunks())), image_sets["A"][idx])
-    with pytest.raises(E.EvaluationError, match="has 4 image"):
-        E.npz_image_set(image_sets["A_npz"], num=5)
+    with pytest.raises(M.EvaluationError, match="has 4 image"):
+        M.npz_image_set(image_sets["A_npz"], num=5)
     np.savez(tmp_path / "f.npz", arr_0=image_sets["A"].astype(np.float32))
-    with pytest.raises(E.EvaluationError, match="uint8"):
-        E.read_npz_images(str(tmp_path / "f.npz"))
+    with pytest.raises(M.EvaluationError, match="uint8"):
+        M.read_npz_images(str(tmp_path / "f.npz"))
 
     # folder: sorted, recursive, hidden files and non-images skipped, ADM crop.
     tree = _write_tree(tmp_path / "tree")
-    got = E.folder_image_set(str(tmp_path / "tree"), resolution=32)
+    got = M.folder_image_set(str(tmp_path / "tree"), resolution=32)
     assert got.count == 3
     want = np.stack([_crop(tree[k], 32) for k in sorted(tree)])
     assert np.array_equal(np.concatenate(list(got.chunks())), want)
@@ -487,27 +506,42 @@ def test_image_sets_read_the_right_pixels(tmp_path, image_sets):
         refs.append({"index": i, "id": i, "key": rel, "uri": path, "row": None, "size": len(tree[rel]),
                      "sha256": U.sha256_bytes(tree[rel]), "label": 0})
     store = _write_store(str(tmp_path / "store_if"), "imagefolder", str(tmp_path / "tree"), refs)
-    assert np.array_equal(np.concatenate(list(E.store_image_set(store, resolution=32).chunks())), want)
+    assert np.array_equal(np.concatenate(list(M.store_image_set(store, resolution=32).chunks())), want)
 
-    # store over Parquet: file + row, read through pipeline.sources.
-    (tmp_path / "if" / "train").mkdir(parents=True)
-    for rel, data in tree.items():
-        dest = tmp_path / "if" / "train" / rel.split("/")[0] / rel.split("/")[-1]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
-    pq_root = write_sample_parquet(str(tmp_path / "if"), str(tmp_path / "pq"), rows_per_group=2, num_files=2)
-    listing = open_source(pq_root, "train")
-    blobs = listing.read_group(listing.items)
-    pq_refs = [{"index": i, "id": it.index, "key": it.key, "uri": it.uri, "row": it.row, "size": len(d),
-                "sha256": U.sha256_bytes(d), "label": it.label} for i, (it, d) in enumerate(zip(listing.items, blobs))]
+    # store over Parquet: file + row.
+    pq_root, blobs, pq_refs = _parquet_source(tmp_path, tree, rows_per_group=2, num_files=2)
     pq_store = _write_store(str(tmp_path / "store_pq"), "parquet", pq_root, pq_refs)
-    got = np.concatenate(list(E.store_image_set(pq_store, resolution=32).chunks()))
+    got = np.concatenate(list(M.store_image_set(pq_store, resolution=32).chunks()))
     assert np.array_equal(got, np.stack([_crop(d, 32) for d in blobs]))
 
     # A source file changed since encoding is refused, naming it.
     (tmp_path / "tree" / "c1" / "c.png").write_bytes(_png_bytes(np.zeros((33, 33, 3), np.uint8)))
-    with pytest.raises(E.EvaluationError, match="c.png"):
-        list(E.store_image_set(store, resolution=32).chunks())
+    with pytest.raises(M.EvaluationError, match="c.png"):
+        list(M.store_image_set(store, resolution=32).chunks())
+
+
+def test_store_images_read_each_parquet_row_group_once_per_chunk(tmp_path, monkeypatch):
+    """Store rows are a shuffle of the source, so a chunk's rows alternate between row groups; each
+    group is still read once per chunk, not once per row."""
+    import pyarrow.parquet as pq
+
+    tree = _write_tree(tmp_path / "tree")
+    pq_root, blobs, refs = _parquet_source(tmp_path, tree, rows_per_group=1, num_files=1)  # 3 groups of 1 row
+    order = [0, 1, 2, 0, 1, 2, 2, 1, 0]
+    store = _write_store(str(tmp_path / "store"), "parquet", pq_root,
+                         [{**refs[item], "index": row} for row, item in enumerate(order)])
+    images = M.store_image_set(store, resolution=32, chunk=len(order))
+    reads = []
+    read_row_group = pq.ParquetFile.read_row_group
+
+    def counted(self, group, *args, **kwargs):
+        reads.append(group)
+        return read_row_group(self, group, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", counted)
+    got = np.concatenate(list(images.chunks()))
+    assert np.array_equal(got, np.stack([_crop(blobs[item], 32) for item in order]))
+    assert sorted(reads) == [0, 1, 2]
 
 
 @pytest.mark.timeout(180)

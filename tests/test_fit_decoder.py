@@ -36,7 +36,9 @@ from trainer.fit_decoder import DecoderTrainer, decoder_config_for, fit_decoder,
 from trainer.loop import TrainError
 from trainer.models import build_model_from_meta, model_meta
 from trainer.models.decoder import RAEDecoder
-from trainer.reconstruct import ReconstructError, grid_png, reconstruct
+from trainer.images import grid_png
+from trainer.loading import LoadError
+from trainer.reconstruct import reconstruct
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUIET = ["train.progress=false", "train.tensorboard=false"]
@@ -382,10 +384,11 @@ def test_reconstruct_writes_the_grid_and_prints_psnr_ssim(debug_run, sample_stor
     assert json.loads((tmp_path / "grid.json").read_text()) == summary
     assert Image.open(out).size == (4 * 2 * 64 + 3 * 12 + 4, 2 * 64 + 4)  # 6 pairs: rows of 4
     # The grid's metrics are those of the decoded images against the cropped originals.
-    from trainer.evaluate import psnr
-    from trainer.reconstruct import decode_uint8, load_decoder, store_samples
+    from trainer.images import decode_uint8, store_samples
+    from trainer.loading import load_decoder
+    from trainer.metrics.pixels import psnr
 
-    decoder, _ = load_decoder(str(run))
+    decoder = load_decoder(str(run)).model
     latents, originals, rows = store_samples(LatentStore.open(sample_store), 6, 64)
     assert rows.tolist() == summary["rows"]
     assert psnr(originals, decode_uint8(decoder, latents, "cpu")) == pytest.approx(summary["psnr"])
@@ -400,7 +403,7 @@ def test_reconstruct_refuses_a_decoder_of_another_encoder(debug_run, tmp_path):
                                    "--out", str(tmp_path / "g.png")])
     assert res.exit_code == 1 and "another encoder" in res.output and "weights differ" in res.output
     assert not (tmp_path / "g.png").exists()
-    with pytest.raises(ReconstructError, match="another encoder"):
+    with pytest.raises(LoadError, match="another encoder"):
         reconstruct(str(run), other.uri, str(tmp_path / "g.png"))
 
 

@@ -22,10 +22,10 @@ from trainer.flow import euler_sample, heun_sample, reference_grid, shift_alpha
 from trainer.models import model_meta
 from trainer.models.decoder import RAEDecoder, decoder_config
 from trainer.models.dit import build_model, dit_config
-from trainer.sample import (
-    SampleConfig, SampleError, SampleInterrupted, SamplingJob, check_compatible, generate_latents, grid_indices,
-    load_decoder, load_dit, sample, sample_labels, sample_noise, write_preview_grid,
-)
+from trainer.images import grid_indices
+from trainer.loading import LoadError, check_compatible, load_decoder, load_dit
+from trainer.sample import SampleConfig, SampleInterrupted, SamplingJob, sample
+from trainer.sampling import SampleError, generate_latents, sample_labels, sample_noise, write_preview_grid
 from trainer.train_dit import resolve_config
 
 SHAPE = (8, 4, 4)  # latent C, H, W
@@ -134,7 +134,7 @@ def _manual_images(dit_uri, decoder_uri, labels, seed, *, steps=50, which="ema",
 
 
 def _seed_of(seed: int, i: int) -> int:
-    from trainer.sample import _NOISE_TAG, _seed64
+    from trainer.sampling import _NOISE_TAG, _seed64
 
     return _seed64(_NOISE_TAG, seed, i)
 
@@ -197,16 +197,16 @@ def test_checkpoint_rebuilds_model_shift_and_statistics(ckpts, tmp_path):
     over = load_dit(ckpts["dit"], stats=str(file))
     assert over.normalizer.source == f"file:{file}" and float(over.normalizer.mean.mean()) == 2.0
     assert load_dit(save_dit(tmp_path / "raw", stats=False)).normalizer is None
-    with pytest.raises(SampleError, match="does not exist"):
+    with pytest.raises(LoadError, match="does not exist"):
         load_dit(ckpts["dit"], stats=str(tmp_path / "missing.npz"))
     # An imported checkpoint: the reference's base 4096 on the model's latent shape.
     imported = load_dit(save_dit(tmp_path / "imported", imported=True, ema=False))
     assert imported.shift_alpha == pytest.approx(math.sqrt(128 / 4096)) and imported.weights == "model"
     bad = tmp_path / "bad.npz"
     np.savez(bad, mean=np.zeros((8, 2, 2)))
-    with pytest.raises(SampleError, match="shape"):
+    with pytest.raises(LoadError, match="shape"):
         load_dit(ckpts["dit"], stats=str(bad))
-    with pytest.raises(SampleError, match="RAEDecoder"):
+    with pytest.raises(LoadError, match="RAEDecoder"):
         load_dit(ckpts["decoder"])
 
 
@@ -215,19 +215,19 @@ def test_mismatched_encoders_are_refused(ckpts, tmp_path):
     check_compatible(dit, load_decoder(ckpts["decoder"]), weak)
     siglip = dict(ENCODER, name="siglip2", arch="vit_base_patch16_siglip_256")
     other = load_decoder(save_decoder(tmp_path / "siglip", encoder=siglip))
-    with pytest.raises(SampleError, match="different encoders.*name differs"):
+    with pytest.raises(LoadError, match="different encoders.*name differs"):
         check_compatible(dit, other)
     reweighted = load_decoder(save_decoder(tmp_path / "rew", encoder=dict(ENCODER, weights_sha256="cd" * 32)))
-    with pytest.raises(SampleError, match="weights differ"):
+    with pytest.raises(LoadError, match="weights differ"):
         check_compatible(dit, reweighted)
     # An imported decoder (weights hash unknown) of the same encoder is accepted.
     check_compatible(dit, load_decoder(save_decoder(tmp_path / "imp", encoder=dict(ENCODER, weights_sha256=None))))
-    with pytest.raises(SampleError, match="reads 8 x 2 x 2"):
+    with pytest.raises(LoadError, match="reads 8 x 2 x 2"):
         check_compatible(dit, load_decoder(save_decoder(tmp_path / "grid2", grid=2)))
     weak_other = load_dit(save_dit(tmp_path / "weak_other", seed=5, depth=1, encoder=siglip))
-    with pytest.raises(SampleError, match="AutoGuidance model .* different encoders"):
+    with pytest.raises(LoadError, match="AutoGuidance model .* different encoders"):
         check_compatible(dit, load_decoder(ckpts["decoder"]), weak_other)
-    with pytest.raises(SampleError, match="classes"):
+    with pytest.raises(LoadError, match="classes"):
         check_compatible(dit, load_decoder(ckpts["decoder"]), load_dit(save_dit(tmp_path / "w5", num_classes=5)))
     # The command refuses before sampling anything.
     result = runner.invoke(app, ["sample", "--dit-ckpt", ckpts["dit"], "--decoder-ckpt", other.uri, "--out",
@@ -254,7 +254,7 @@ def test_sample_writes_npz_and_grid_equal_to_an_independent_computation(ckpts, t
     diff = np.abs(images.astype(int) - expected)
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
     # The .npz is np.savez's uncompressed layout: the evaluation code memory-maps it.
-    from trainer.evaluate import read_npz_images
+    from trainer.metrics.images import read_npz_images
 
     mapped = read_npz_images(os.path.join(out, "samples.npz"))
     assert isinstance(mapped, np.memmap) and np.array_equal(mapped, images)
@@ -495,8 +495,9 @@ def test_rfid_on_the_sample_store(sample_store, tmp_path):
     assert np.asarray(Image.open(grid)).shape == (2 * 258 + 2, 6 * 258 + 2, 3)
 
     # PSNR and SSIM are those of the decoder's own reconstructions of the same rows vs the originals.
-    from trainer.evaluate import _choose, psnr, ssim, store_image_set
-    from trainer.sample import load_decoder as load
+    from trainer.loading import load_decoder as load
+    from trainer.metrics.images import _choose, store_image_set
+    from trainer.metrics.pixels import psnr, ssim
 
     dec = load(decoder)
     rows = np.flatnonzero(store.valid())[_choose(int(store.valid().sum()), 6, 0, "rows")]

@@ -17,10 +17,10 @@ from pipeline.store import (
     StoreLayout,
     StorePlan,
     StoreWriter,
-    decode_latents,
-    encode_latents,
+    from_stored,
     list_stores,
     remove_store,
+    to_stored,
     verify_store,
     write_array_store,
 )
@@ -124,9 +124,9 @@ def test_dtypes_and_compressors(tmp_path, dtype, compressor):
 
 def test_bfloat16_rounding_is_nearest_even():
     x = np.array([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -2.5, 3.0e38], np.float32)
-    bits = encode_latents(x, "bfloat16")
+    bits = to_stored(x, "bfloat16")
     assert bits.dtype == np.uint16
-    back = decode_latents(bits, "bfloat16")
+    back = from_stored(bits, "bfloat16")
     # 1 + 2^-8 is a tie -> rounds to even (1.0); 1 + 3*2^-8 -> 1 + 2^-6 (even mantissa)
     np.testing.assert_array_equal(back[:4], np.array([1.0, 1.0, 1.0 + 2**-6, -2.5], np.float32))
     import torch

@@ -20,7 +20,6 @@ from pipeline.config import ConfigError, to_dict
 from pipeline.store import IncompleteStoreError, StoreLayout, write_array_store
 from schemas import store_v1
 from trainer.checkpoint import list_checkpoints, load_checkpoint, read_meta
-from trainer.data import LatentNormalizer
 from trainer.flow import euler_sample, reference_grid
 from trainer.models import (
     MODEL_REGISTRY,
@@ -30,6 +29,7 @@ from trainer.models import (
     model_meta,
 )
 from trainer.models.dit import build_model, dit_config
+from trainer.normalize import LatentNormalizer
 from trainer.optim import NonFiniteLossError
 from trainer.train_dit import (
     PRESETS,
@@ -547,7 +547,10 @@ def test_preview_grids_with_a_decoder(store, tmp_path):
     from PIL import Image
 
     from pipeline.cli import app
-    from trainer.sample import SampleConfig, SamplingJob, image_grid, load_decoder, load_dit, sample_labels
+    from trainer.images import image_grid
+    from trainer.loading import load_decoder, load_dit
+    from trainer.sample import SampleConfig, SamplingJob
+    from trainer.sampling import sample_labels
 
     decoder = _decoder_ckpt(tmp_path / "decoder")
     run = tmp_path / "run"
@@ -575,7 +578,7 @@ def test_preview_grids_with_a_decoder(store, tmp_path):
 
 
 def test_errors_from_dataloader_workers_are_one_line():
-    from pipeline.cli_train import error_line
+    from pipeline.cli.common import error_line
     from pipeline.store import StoreError
 
     worker = StoreError("Caught StoreError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"

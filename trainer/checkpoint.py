@@ -35,12 +35,13 @@ from torch import nn
 from pipeline import uri as uri_lib
 from schemas import checkpoint_v1 as spec
 from schemas.checkpoint_v1 import CheckpointMeta
+from schemas.errors import UserError
 
 _HASH_CHUNK = 8 << 20  # bytes read at a time when hashing local files
 _TMP_DIR = re.compile(r"^\.tmp-step-(\d+)-")  # local writes in progress or interrupted
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be saved or used; the message names the checkpoint and file."""
 
 

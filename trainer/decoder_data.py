@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from pipeline import uri as uri_lib
 from pipeline.store import LatentStore
 from schemas import store_v1
+from schemas.errors import UserError
 from trainer.data import worker_start_method
 
 DATA_MODES = ("cached", "encode_on_the_fly")
@@ -60,11 +61,11 @@ _CROP_TAG = 0x43524F50
 _RECORDS_KEPT = 64  # shard completion records kept per worker (each lists its rows' source references)
 
 
-class SourceMismatchError(ValueError):
+class SourceMismatchError(UserError, ValueError):
     """A source image that is missing or differs from the one the store encoded; names the sample."""
 
 
-class DecoderDataError(ValueError):
+class DecoderDataError(UserError, ValueError):
     """A store or option the decoder's data cannot work with (synthetic store, wrong batch split...)."""
 
 
@@ -151,7 +152,9 @@ class _Orders:
 # --------------------------------------------------------------------------------------------
 class SourceFetcher:
     """Encoded bytes of store rows, fetched through their recorded source references and checked
-    (size, sha256) against them. Picklable; each worker keeps its own small Parquet row-group cache."""
+    (size, sha256) against them. Picklable; each worker keeps its own small Parquet row-group cache.
+    The one reader of store rows' source bytes: fit-decoder's batches, ``reconstruct`` and the
+    metrics' ``store_image_set`` all fetch through it."""
 
     def __init__(self, store: LatentStore, storage_options: dict | None = None, parquet_cache_groups: int = 2):
         source = store.spec["source"]
@@ -201,7 +204,7 @@ class SourceFetcher:
         return list(fetched)
 
     def _read_parquet(self, rows: list[int], refs: list[dict]) -> list[bytes]:
-        out = []
+        places = []  # per row: ((file, row group), row inside the group)
         for row, ref in zip(rows, refs):
             sizes = self.row_groups.get(ref["uri"])
             if sizes is None:
@@ -210,9 +213,18 @@ class SourceFetcher:
             group = int(np.searchsorted(starts, ref["row"], side="right")) - 1
             if not 0 <= group < len(sizes):
                 raise SourceMismatchError(f"{self._where(row, ref)} is missing (the file has {starts[-1]} rows)")
-            cells = self._row_group(ref["uri"], group, row, ref)
-            value = cells[ref["row"] - starts[group]]
-            out.append(b"" if value is None else bytes(value))
+            places.append(((ref["uri"], group), ref["row"] - starts[group]))
+        # Each row group touched is read once per call, in the order the rows first need it: store
+        # rows are a shuffle of the source, so consecutive rows seldom share a group.
+        by_group: dict[tuple[str, int], list[int]] = {}
+        for i, (key, _) in enumerate(places):
+            by_group.setdefault(key, []).append(i)
+        out: list[bytes] = [b""] * len(refs)
+        for (uri, group), positions in by_group.items():
+            cells = self._row_group(uri, group, rows[positions[0]], refs[positions[0]])
+            for i in positions:
+                value = cells[places[i][1]]
+                out[i] = b"" if value is None else bytes(value)
         return out
 
     def _row_group(self, uri: str, group: int, row: int, ref: dict) -> list:

@@ -576,7 +576,7 @@ class DecoderTrainer(TrainLoop):
             self.write_reconstruction_grid(out)
 
     def write_reconstruction_grid(self, out: str) -> str:
-        from trainer.reconstruct import decode_uint8, grid_png, store_samples
+        from trainer.images import decode_uint8, grid_png, store_samples
 
         if self._grid_inputs is None:
             self._grid_inputs = store_samples(self.store, self.cfg.train.grid_samples, self.out_size, self.so)

@@ -1,6 +1,6 @@
 """Flow matching for RAE latents: one place for each convention (interpolation, time shift, samplers, guidance).
 
-Conventions (rae-reference.md "Flow matching"; rae-checkpoint-format.md section 6):
+Conventions (docs/method.md "Flow matching"; docs/checkpoint-format.md section 6):
 - Path: x_t = (1 - t) x + t eps, with t = 0 data and t = 1 noise. The model predicts v = eps - x.
 - Time shift for high-dimensional latents: t' = a t / (1 + (a - 1) t), a = sqrt(m / n), m = C*H*W of
   the latent, n = 4096 (768x16x16 -> a = sqrt(48) ~ 6.93).

@@ -1,4 +1,4 @@
-"""Import and export the published RAE checkpoints (``docs/rae-checkpoint-format.md``).
+"""Import and export the published RAE checkpoints (``docs/checkpoint-format.md`` sections 1-5).
 
 People hold the released RAE files: DiT^DH models (bare state dicts or training checkpoints), ViT
 decoders and ``stat.pt`` latent statistics. This module turns them into our checkpoint format
@@ -38,7 +38,7 @@ Inference rules (what each config field is read from):
 Encoder identity of an import: the encoder is named by the user (DINOv2, SigLIP2 and MAE are all 768
 wide), with the architecture and input size of ``pipeline/encoders.py`` at the given resolution,
 ``weights_source`` "imported" and ``weights_sha256`` null: the hash of the encoder weights the
-published model was trained on cannot be known offline. :func:`encoder_mismatch` is the comparison
+published model was trained on cannot be known offline. ``schemas.store_v1.encoder_mismatch`` is the comparison
 rule: name, arch and input_size must agree; weights hashes are compared only when both are known.
 
 Everything is loaded with ``torch.load(weights_only=True)`` (or safetensors); a file that needs
@@ -49,13 +49,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import pickle
 import warnings
 from typing import Any, Literal
 
 import torch
 
 from pipeline import uri as uri_lib
+from pipeline.weights import WeightsFileError, load_tensor_file
+from schemas.errors import UserError
+from trainer.flow import shift_alpha
+from trainer.loading import DECODER_CLASS, DIT_CLASSES
 from trainer.models import config_meta
 
 Use = Literal["auto", "ema", "model"]
@@ -63,13 +66,11 @@ Use = Literal["auto", "ema", "model"]
 DIT_FILE = "dit.pt"
 DECODER_FILE = "decoder.pt"
 STATS_FILE = "stat.pt"
-DIT_CLASSES = ("DiTDH", "DiT")
-DECODER_CLASS = "RAEDecoder"
 ROPE_TOLERANCE = 1e-5  # max |file table - theta 10000 table| still called a match (fp32 rounding)
 _LIST_LIMIT = 25  # keys shown per category in a layout error (the exception keeps all of them)
 
 
-class InteropError(ValueError):
+class InteropError(UserError, ValueError):
     """A published file (or one of our checkpoints) that cannot be converted; names the file."""
 
 
@@ -104,30 +105,14 @@ class LayoutMismatchError(InteropError):
 
 def load_published_file(uri: str, storage_options: dict | None = None) -> Any:
     """The object in a ``.pt``/``.pth``/``.bin`` (``torch.load(weights_only=True)``) or
-    ``.safetensors`` file at a path or fsspec URI. Objects that need arbitrary unpickling are refused."""
-    fs, path = uri_lib.get_fs(uri, storage_options)
-    if not fs.exists(path):
-        raise InteropError(f"{uri}: no such file")
-    if str(uri).endswith(".safetensors"):
-        import safetensors
-        import safetensors.torch
-
-        try:
-            return safetensors.torch.load(uri_lib.read_bytes(uri, storage_options))
-        except (safetensors.SafetensorError, OSError, ValueError) as e:
-            raise InteropError(f"{uri}: unreadable safetensors file: {e}") from e
+    ``.safetensors`` file at a path or fsspec URI (``pipeline.weights``). Objects that need arbitrary
+    unpickling are refused."""
     try:
-        with fs.open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InteropError(
-            f"{uri}: refused: the file holds objects that torch.load(weights_only=True) will not "
-            f"unpickle (only tensors, numbers, strings and containers are loaded; arbitrary pickles "
-            f"can run code). Re-save its state dicts alone. Detail: {first}"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InteropError(f"{uri}: not a readable torch file: {type(e).__name__}: {e}") from e
+        return load_tensor_file(uri, storage_options)
+    except FileNotFoundError:
+        raise InteropError(f"{uri}: no such file") from None
+    except WeightsFileError as e:
+        raise InteropError(str(e)) from None
 
 
 @dataclasses.dataclass
@@ -212,7 +197,7 @@ def read_published_stats(uri: str, storage_options: dict | None = None) -> dict[
     An absent (or None) mean means 0 and an absent var means 1, as the reference treats them; the
     absence is kept (our checkpoints record which are present).
     """
-    from trainer.data import load_stats_file
+    from trainer.normalize import load_stats_file
 
     mean, var = load_stats_file(uri, storage_options)
     return {k: torch.as_tensor(a, dtype=torch.float32) for k, a in (("mean", mean), ("var", var)) if a is not None}
@@ -558,22 +543,6 @@ def imported_encoder_identity(name: str, resolution: int = 256) -> dict:
             "weights_sha256": None, "weights_source": "imported"}
 
 
-def encoder_mismatch(a: dict | None, b: dict | None) -> str | None:
-    """Why two encoder identities are incompatible, or None when they are compatible.
-
-    Rule: ``name``, ``arch`` and ``input_size`` must be equal; ``weights_sha256`` is compared only
-    when both sides know it (imports record None). A None identity (unknown) matches anything.
-    """
-    if a is None or b is None:
-        return None
-    for key in ("name", "arch", "input_size"):
-        if a.get(key) != b.get(key):
-            return f"encoder {key} differs: {a.get(key)!r} vs {b.get(key)!r}"
-    if a.get("weights_sha256") and b.get("weights_sha256") and a["weights_sha256"] != b["weights_sha256"]:
-        return f"encoder weights differ: sha256 {a['weights_sha256'][:12]}... vs {b['weights_sha256'][:12]}..."
-    return None
-
-
 def _check_against_encoder(imported: ImportedModel, encoder_name: str, resolution: int) -> None:
     """The latents an imported model reads must be the encoder's at that resolution (channels, grid)."""
     from pipeline.encoders import latent_shape
@@ -610,6 +579,9 @@ def _checkpoint_meta(imported: ImportedModel, *, encoder: dict | None, stats: di
                           "autoencoder_checkpoint": imported.autoencoder}}
     if stats is not None:
         extra["imported"]["stats_file"] = stats_uri
+    if imported.kind == "dit":  # the reference's shift, sqrt(C*H*W / 4096), recorded where train-dit records it
+        conf = imported.model_meta["config"]
+        extra["shift_alpha"] = shift_alpha((int(conf["in_channels"]), int(conf["input_size"]), int(conf["input_size"])))
     return {
         "kind": imported.kind,
         "epoch": 0.0,  # our epochs count our samples; the source's step/epoch are in extra.imported

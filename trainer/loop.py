@@ -38,6 +38,7 @@ import torch
 
 from pipeline import uri as uri_lib
 from pipeline.config import ConfigError, from_dict, to_dict
+from schemas.errors import UserError
 from trainer import distributed
 from trainer.checkpoint import list_checkpoints, prune_checkpoints, read_meta, save_checkpoint
 from trainer.runlog import RunLogger, SigtermHandler, StepTimer
@@ -48,7 +49,7 @@ CONFIG_FILE = "config.json"
 LAST_VALUE_KEYS = ("lr", "disc_lr")  # logged as their value at the window's last step, not a mean
 
 
-class TrainError(ValueError):
+class TrainError(UserError, ValueError):
     """Inputs a trainer refuses (store, run directory, --init-from, statistics); says which and why."""
 
 

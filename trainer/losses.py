@@ -26,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.models.decoder import check_state_dict, noise_augment, read_state_dict, state_dict_sha256
+from pipeline.weights import read_state_dict
+from trainer.models.decoder import check_state_dict, noise_augment, state_dict_sha256
 from trainer.models.discriminator import diff_augment
 
 # torchvision VGG16 feature index -> LPIPS slice (relu1_2, relu2_2, relu3_3, relu4_3, relu5_3).

@@ -1,6 +1,6 @@
 """Optimizer, EMA, learning-rate schedules, gradient clipping and the non-finite loss guard.
 
-Reference settings (rae-reference.md): AdamW lr 2e-4, betas (0.9, 0.95), weight decay 0.
+Reference settings (docs/method.md): AdamW lr 2e-4, betas (0.9, 0.95), weight decay 0.
 DiT^DH: constant LR for 40 epochs, then linear decay to 2e-5 by epoch 800, clip 1.0, EMA 0.9995.
 Decoder: 1 warm-up epoch, then cosine to 2e-5 by the last (16th) epoch, no clipping, EMA 0.9978.
 
@@ -17,6 +17,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from schemas.errors import UserError
 from trainer.checkpoint import unwrap_model
 
 REFERENCE_LR = 2e-4
@@ -203,7 +204,7 @@ def clip_grad_norm(parameters: Iterable[torch.Tensor] | nn.Module, max_norm: flo
     return torch.nn.utils.clip_grad_norm_(params, limit)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss (or another watched value) became NaN or infinite: training must stop without
     saving, so the newest complete checkpoint in the run directory stays the last good one."""
 

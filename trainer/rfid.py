@@ -1,7 +1,7 @@
 """``rae-pipeline rfid``: how well a decoder reconstructs a store's images from their latents.
 
 For each chosen valid row of the store (all, or a seeded subset of ``num``: the same rows
-``evaluate.store_image_set`` picks): the decoder decodes the row's stored latent, as is (the
+``metrics.images.store_image_set`` picks): the decoder decodes the row's stored latent, as is (the
 unflipped ``latents`` array, unnormalized: the decoder reads raw encoder tokens), and the result is
 compared with the original image, read through the source reference the store recorded and ADM
 center-cropped to the decoder's output size (``store_image_set``). Reported:
@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from pipeline import uri as uri_lib
-from trainer.sample import (
-    SampleError, check_decoder_reads, image_grid, load_decoder, png_bytes, to_uint8,
-)
+from schemas.errors import UserError
+from trainer.images import image_grid, png_bytes, to_uint8_hwc
+from trainer.loading import check_decoder_reads, load_decoder
 
 
-class ReconstructionError(SampleError):
+class ReconstructionError(UserError, ValueError):
     """A decoder/store pair rfid refuses; says which and why."""
 
 
@@ -57,16 +57,17 @@ def reconstruction_metrics(decoder_ckpt: str, store: str, *, num: int | None = N
     """rFID, PSNR and SSIM of ``decoder_ckpt`` on the store at ``store`` (module docstring).
 
     num/seed: a seeded random subset of the valid rows (default all). extractor: an
-    ``evaluate.InceptionExtractor`` (default ``load_inception(inception_weights, device)``).
+    ``metrics.inception.InceptionExtractor`` (default ``load_inception(inception_weights, device)``).
     grid_out: optionally a PNG of the first ``grid_pairs`` originals (top row) over their
     reconstructions (bottom row). Returns a JSON-ready dict.
     """
     from pipeline.store import LatentStore
     from schemas import store_v1
-    from trainer.evaluate import (
-        EvaluationError, _choose, feature_statistics, frechet_distance_from_features, inception_features,
-        load_inception, psnr, ssim, store_image_set,
-    )
+    from trainer.metrics.errors import EvaluationError
+    from trainer.metrics.fid import feature_statistics, frechet_distance_from_features
+    from trainer.metrics.images import _choose, store_image_set
+    from trainer.metrics.inception import inception_features, load_inception
+    from trainer.metrics.pixels import psnr, ssim
 
     lat_store = LatentStore.open(store, storage_options)
     device = torch.device(device)
@@ -100,7 +101,7 @@ def reconstruction_metrics(decoder_ckpt: str, store: str, *, num: int | None = N
         recon = []
         for s in range(0, len(chunk_rows), batch_size):
             z = torch.from_numpy(read_latents(lat_store, chunk_rows[s: s + batch_size])).to(device)
-            recon.append(to_uint8(decoder.model.decode_to_pixels(z)))
+            recon.append(to_uint8_hwc(decoder.model.decode_to_pixels(z)))
         recon_np = np.concatenate(recon)
         psnrs.append(psnr(originals, recon_np, channels_last=True, per_image=True))
         ssims.append(ssim(originals, recon_np, channels_last=True, per_image=True))

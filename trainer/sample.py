@@ -10,7 +10,7 @@ statistics it was trained with; the decoder checkpoint rebuilds the decoder. Out
     <out>/parts/          while running: part-<start>-<stop>.npz per block of sample indices and
                           plan.json; removed once samples.npz is written
 
-Pipeline of one sample i (reads top to bottom in this file):
+Pipeline of one sample i (its pieces are in ``trainer/sampling.py``):
     label_i  = the label policy's i-th label (:func:`sample_labels`; never a rank-local RNG)
     noise_i  = N(0, I) from a CPU generator seeded by (seed, i) (:func:`sample_noise`)
     x_i      = ODE over ``reference_grid(steps, alpha)`` (Euler or Heun), velocity from
@@ -35,9 +35,7 @@ sampler truncates (``mul(255).to(uint8)``), half a level darker on average.
 """
 from __future__ import annotations
 
-import copy
 import io
-import math
 import re
 import sys
 import time
@@ -47,13 +45,14 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from pipeline import uri as uri_lib
 from trainer import distributed
-from trainer.data import LatentNormalizer
-from trainer.flow import euler_sample, guided_velocity_fn, heun_sample, reference_grid, shift_alpha
+from trainer.flow import reference_grid
+from trainer.images import GRID_MAX, grid_indices, image_grid, png_bytes
+from trainer.loading import WEIGHTS, LoadedDecoder, LoadedDiT, check_compatible, load_decoder, load_dit
 from trainer.loop import float32_matmul_precision
+from trainer.sampling import SAMPLERS, SampleError, generate_latents, latents_to_images, sample_labels, sample_noise
 
 SAMPLES_FILE = "samples.npz"
 GRID_FILE = "grid.png"
@@ -62,20 +61,8 @@ PARTS_DIR = "parts"
 PARTS_PLAN_FILE = "plan.json"
 SAMPLES_FORMAT = "rae-samples"
 SAMPLES_VERSION = 1
-GRID_MAX = 64
-SAMPLERS = ("euler", "heun")
-WEIGHTS = ("ema", "model")
 PRECISIONS = ("fp32", "bf16")
-DIT_CLASSES = ("DiTDH", "DiT")
-DECODER_CLASS = "RAEDecoder"
-_NOISE_TAG = 0x53414D50  # mixed into every noise seed ("SAMP"), so they differ from train-dit's
-_LABEL_TAG = 0x4C41424C  # "LABL"
 _PART_NAME = re.compile(r"^part-(\d{8,})-(\d{8,})\.npz$")
-_INT_LIST = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*,?\s*$")
-
-
-class SampleError(ValueError):
-    """Inputs sampling refuses (checkpoints, settings, output folder); says which and why."""
 
 
 class SampleInterrupted(RuntimeError):
@@ -144,389 +131,6 @@ def parse_interval(text: str) -> tuple[float, float]:
 
 
 # ------------------------------------------------------------------------------------------------
-# checkpoints
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoadedDiT:
-    """A DiT checkpoint ready to sample: the model (eval mode) and what it was trained with."""
-
-    model: nn.Module
-    uri: str  # the checkpoint folder
-    weights: str  # "ema" or "model": the weights loaded
-    weights_sha256: str  # of the loaded safetensors file (from meta.json)
-    latent_shape: tuple[int, int, int]  # (C, H, W)
-    num_classes: int  # labels 0..num_classes-1; num_classes is the null label
-    shift_alpha: float
-    shift_alpha_source: str  # "meta.extra.shift_alpha" | "config.flow" | "latent shape (base 4096)"
-    normalizer: LatentNormalizer | None  # None: the model was trained on raw latents
-    encoder: dict | None  # encoder identity of the latents it was trained on
-    step: int
-
-
-@dataclass
-class LoadedDecoder:
-    """A decoder checkpoint: the model (eval mode) and the latents and pixels it maps between."""
-
-    model: nn.Module
-    uri: str
-    weights: str
-    weights_sha256: str
-    in_channels: int
-    grid: int  # token grid side g (num_tokens = g * g)
-    image_size: int  # output side in pixels
-    encoder: dict | None
-    allow_token_resize: bool
-    step: int = 0  # the checkpoint's step
-
-
-def _load(uri: str, weights: str, classes: Sequence[str], what: str, storage_options: dict | None):
-    """(model in eval mode, Checkpoint, weights used, sha256 of their file)."""
-    from trainer.checkpoint import load_checkpoint
-    from trainer.models import build_model_from_meta
-
-    if weights not in WEIGHTS:
-        raise SampleError(f"weights {weights!r} is not one of {list(WEIGHTS)}")
-    ck = load_checkpoint(uri, load_train_state=False, storage_options=storage_options)
-    cls = ck.meta.model.get("class")
-    if cls not in classes:
-        raise SampleError(f"{what} {ck.uri} holds a {cls!r} model ({ck.meta.kind!r} checkpoint); "
-                          f"expected one of {list(classes)}")
-    used = "ema" if weights == "ema" and ck.ema_state is not None else "model"
-    model = build_model_from_meta(ck.meta.model)
-    model.load_state_dict(ck.ema_state if used == "ema" else ck.model_state, strict=True)
-    sha = ck.meta.files.get("ema.safetensors" if used == "ema" else "model.safetensors", "")
-    return model.eval().requires_grad_(False), ck, used, sha
-
-
-def checkpoint_latent_shape(meta) -> tuple[int, int, int]:
-    """(C, H, W) a DiT checkpoint generates: its store's latent shape, else its model config's."""
-    if meta.store and meta.store.get("latent_shape"):
-        c, h, w = (int(v) for v in meta.store["latent_shape"])
-        return c, h, w
-    conf = meta.model["config"]
-    return int(conf["in_channels"]), int(conf["input_size"]), int(conf["input_size"])
-
-
-def checkpoint_shift_alpha(meta) -> tuple[float, str]:
-    """(alpha, where it came from): meta.extra.shift_alpha (train-dit records it), else the config's
-    flow section (explicit flow.shift_alpha, else sqrt(C*H*W / flow.shift_base)), else
-    sqrt(C*H*W / 4096) (imported checkpoints: the reference's base)."""
-    extra = meta.extra or {}
-    if extra.get("shift_alpha") is not None:
-        return float(extra["shift_alpha"]), "meta.extra.shift_alpha"
-    shape = checkpoint_latent_shape(meta)
-    flow = (meta.config or {}).get("flow") if isinstance(meta.config, dict) else None
-    if isinstance(flow, dict):
-        if flow.get("shift_alpha") is not None:
-            return float(flow["shift_alpha"]), "config.flow.shift_alpha"
-        base = int(flow.get("shift_base", 4096))
-        return shift_alpha(shape, base), f"latent shape {list(shape)}, config.flow.shift_base {base}"
-    return shift_alpha(shape, 4096), f"latent shape {list(shape)}, base 4096"
-
-
-def load_dit(uri: str, *, weights: str = "ema", stats: str | None = None, device: str | torch.device = "cpu",
-             storage_options: dict | None = None) -> LoadedDiT:
-    """A DiT^DH / DiT checkpoint (checkpoint or run directory) with its shift and statistics.
-
-    stats: a statistics file (``--stats``: .safetensors, .npz or stat.pt) replacing the checkpoint's.
-    The checkpoint's own statistics are ``stats.safetensors`` (absent mean = 0, absent var = 1); a
-    checkpoint without any samples raw latents (no denormalization).
-    """
-    model, ck, used, sha = _load(uri, weights, DIT_CLASSES, "DiT checkpoint", storage_options)
-    shape = checkpoint_latent_shape(ck.meta)
-    conf = ck.meta.model["config"]
-    if (int(conf["in_channels"]), int(conf["input_size"]), int(conf["input_size"])) != tuple(shape):
-        raise SampleError(f"DiT checkpoint {ck.uri}: its store's latents are {list(shape)} but the model reads "
-                          f"{conf['in_channels']} x {conf['input_size']} x {conf['input_size']}")
-    alpha, alpha_source = checkpoint_shift_alpha(ck.meta)
-    if stats is not None:
-        try:
-            normalizer = LatentNormalizer.from_file(stats, storage_options)
-        except ValueError as e:
-            raise SampleError(str(e)) from None
-    elif ck.stats:
-        normalizer = LatentNormalizer(ck.stats.get("mean"), ck.stats.get("var"), source=f"checkpoint:{ck.uri}")
-    else:
-        normalizer = None
-    if normalizer is not None:
-        try:
-            normalizer.check_shape(shape)
-        except ValueError as e:
-            raise SampleError(f"{e} (DiT checkpoint {ck.uri})") from None
-        normalizer.to(device)
-    return LoadedDiT(model.to(device), ck.uri, used, sha, shape, int(conf["num_classes"]), alpha, alpha_source,
-                     normalizer, ck.meta.encoder, ck.step)
-
-
-def load_decoder(uri: str, *, weights: str = "ema", device: str | torch.device = "cpu",
-                 storage_options: dict | None = None) -> LoadedDecoder:
-    """An RAE decoder checkpoint (fit-decoder's or an import) in eval mode on ``device``."""
-    model, ck, used, sha = _load(uri, weights, (DECODER_CLASS,), "decoder checkpoint", storage_options)
-    conf = model.config
-    grid = math.isqrt(conf.num_tokens)
-    return LoadedDecoder(model.to(device), ck.uri, used, sha, conf.in_channels, grid, grid * conf.patch_size,
-                         ck.meta.encoder, bool(conf.allow_token_resize), ck.step)
-
-
-def check_decoder_reads(decoder: LoadedDecoder, latent_shape: tuple[int, int, int], what: str,
-                        encoder: dict | None) -> None:
-    """SampleError unless ``decoder`` decodes latents of ``latent_shape`` made by ``encoder``
-    (identities compared with ``interop.encoder_mismatch``: name, arch, input size; weight hashes
-    when both are known)."""
-    from trainer.interop import encoder_mismatch
-
-    why = encoder_mismatch(encoder, decoder.encoder)
-    if why:
-        raise SampleError(f"decoder {decoder.uri} and {what} come from different encoders ({why}): the decoder "
-                          f"would decode latents it was not trained on. {what}: {encoder}; decoder: {decoder.encoder}")
-    c, h, w = latent_shape
-    if c != decoder.in_channels or ((h, w) != (decoder.grid, decoder.grid) and not decoder.allow_token_resize):
-        raise SampleError(f"decoder {decoder.uri} reads {decoder.in_channels} x {decoder.grid} x {decoder.grid} "
-                          f"latents; {what} has {c} x {h} x {w}")
-
-
-def check_compatible(dit: LoadedDiT, decoder: LoadedDecoder, weak: LoadedDiT | None = None) -> None:
-    """The decoder must decode the DiT's latents; an AutoGuidance model must generate the same
-    latents (encoder, shape) for the same classes."""
-    from trainer.interop import encoder_mismatch
-
-    check_decoder_reads(decoder, dit.latent_shape, f"DiT {dit.uri}", dit.encoder)
-    if weak is None:
-        return
-    why = encoder_mismatch(dit.encoder, weak.encoder)
-    if why:
-        raise SampleError(f"AutoGuidance model {weak.uri} and DiT {dit.uri} come from different encoders ({why})")
-    if weak.latent_shape != dit.latent_shape or weak.num_classes != dit.num_classes:
-        raise SampleError(
-            f"AutoGuidance model {weak.uri} generates {list(weak.latent_shape)} latents for {weak.num_classes} "
-            f"classes; DiT {dit.uri}: {list(dit.latent_shape)} for {dit.num_classes}: they must agree"
-        )
-
-
-# ------------------------------------------------------------------------------------------------
-# labels and noise: pure functions of (policy, seed, index)
-# ------------------------------------------------------------------------------------------------
-
-
-def _seed64(*parts: int) -> int:
-    """A 63-bit seed from integers; nearby inputs give unrelated seeds (SeedSequence hashing)."""
-    hi, lo = np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32)
-    return (int(hi) << 31) ^ int(lo)
-
-
-def sample_labels(policy: str, num: int, num_classes: int, seed: int = 0,
-                  storage_options: dict | None = None) -> np.ndarray:
-    """int64 [num] class labels of samples 0..num-1.
-
-    - ``equal``: num / num_classes per class, in class order (sample i gets i * K // N; with
-      N = 50 000 and K = 1000: 50 per class, the ADM convention). N need not be a multiple of K.
-    - ``random``: uniform over the classes from a generator seeded by ``seed`` alone.
-    - a comma list ``"207,360,387"`` or the path/URI of a text file of labels (commas or
-      whitespace): L labels; sample i gets list[i * L // N], i.e. each listed label N / L times in
-      order, exactly the list when L = N. L > N is refused.
-    """
-    if num < 1 or num_classes < 1:
-        raise SampleError(f"need num >= 1 and num_classes >= 1, got {num}, {num_classes}")
-    index = np.arange(num, dtype=np.int64)
-    if policy == "equal":
-        return index * num_classes // num
-    if policy == "random":
-        return np.random.default_rng([_LABEL_TAG, int(seed)]).integers(0, num_classes, num, dtype=np.int64)
-    listed = _label_list(policy, storage_options)
-    bad = [v for v in listed if not 0 <= v < num_classes]
-    if bad:
-        raise SampleError(f"labels {policy!r}: {bad[:5]} outside 0..{num_classes - 1} (the model's classes)")
-    if len(listed) > num:
-        raise SampleError(f"labels {policy!r}: {len(listed)} labels for {num} samples; give at most --num labels")
-    return np.asarray(listed, dtype=np.int64)[index * len(listed) // num]
-
-
-def _label_list(policy: str, storage_options: dict | None) -> list[int]:
-    if _INT_LIST.match(policy):
-        text, where = policy, "list"
-    else:
-        try:
-            text, where = uri_lib.read_bytes(policy, storage_options).decode(), f"file {policy}"
-        except (FileNotFoundError, IsADirectoryError):
-            raise SampleError(f"labels {policy!r}: not 'equal', 'random', a comma list of integers, or an existing "
-                              "file of labels") from None
-        except UnicodeDecodeError:
-            raise SampleError(f"labels file {policy} is not text") from None
-    tokens = [t for t in re.split(r"[,\s]+", text) if t]
-    try:
-        values = [int(t) for t in tokens]
-    except ValueError:
-        raise SampleError(f"labels {where}: {', '.join(t for t in tokens if not t.lstrip('-').isdigit())[:80]} "
-                          "are not integers") from None
-    if not values:
-        raise SampleError(f"labels {where} holds no labels")
-    return values
-
-
-def sample_noise(seed: int, indices: Sequence[int], latent_shape: tuple[int, int, int]) -> torch.Tensor:
-    """float32 [n, C, H, W] on the CPU: row k is N(0, I) from a generator seeded by (seed, indices[k]),
-    so a sample's noise does not depend on the batch, the rank or the device that samples it."""
-    rows = []
-    for i in indices:
-        g = torch.Generator().manual_seed(_seed64(_NOISE_TAG, seed, int(i)))
-        rows.append(torch.randn(tuple(latent_shape), generator=g))
-    return torch.stack(rows)
-
-
-# ------------------------------------------------------------------------------------------------
-# one batch: ODE -> denormalize -> decode -> uint8
-# ------------------------------------------------------------------------------------------------
-
-
-def _float_output(model: Callable, device: torch.device, autocast_dtype: torch.dtype | None) -> Callable:
-    """model(x, t, y) in fp32, or under autocast with the output cast back to fp32 (the ODE state stays fp32)."""
-    if autocast_dtype is None:
-        return model
-
-    def call(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=autocast_dtype):
-            return model(x, t, y).float()
-
-    return call
-
-
-@torch.no_grad()
-def generate_latents(model: nn.Module, labels: torch.Tensor, noise: torch.Tensor, grid: torch.Tensor, *,
-                     sampler: str = "euler", cfg_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.0, 1.0),
-                     weak_model: nn.Module | None = None, ag_scale: float | None = None,
-                     autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Normalized latents float32 [B, C, H, W] at grid[-1], from ``noise`` (B, C, H, W) at grid[0].
-
-    labels: int64 (B,) on the model's device. Models must be in eval mode. Guidance as
-    ``flow.guided_velocity_fn`` (null label = the model's ``num_classes``).
-    """
-    if sampler not in SAMPLERS:
-        raise SampleError(f"sampler {sampler!r} is not one of {list(SAMPLERS)}")
-    for m in (model, weak_model):
-        if m is not None and m.training:
-            raise SampleError(f"{type(m).__name__} is in train mode; call .eval() before sampling")
-    device = noise.device
-    null_label = int(model.cfg.num_classes)  # the DiT label table's last row
-    velocity = guided_velocity_fn(
-        _float_output(model, device, autocast_dtype), labels, cfg_scale=cfg_scale, cfg_interval=cfg_interval,
-        null_label=null_label, ag_scale=ag_scale if weak_model is not None else None,
-        weak_model=_float_output(weak_model, device, autocast_dtype) if weak_model is not None else None,
-    )
-    integrate = euler_sample if sampler == "euler" else heun_sample
-    return integrate(velocity, noise, grid.to(device))
-
-
-def to_uint8(pixels: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in [0, 1] -> uint8 [B, H, W, 3] numpy (clamped, rounded to nearest)."""
-    return pixels.float().clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-@torch.no_grad()
-def decode_latents(decoder: nn.Module, latents: torch.Tensor, normalizer: LatentNormalizer | None) -> np.ndarray:
-    """Normalized latents (B, C, H, W) -> uint8 [B, H, W, 3]: denormalize, decode (fp32), convert."""
-    raw = normalizer.denormalize(latents) if normalizer is not None else latents
-    return to_uint8(decoder.decode_to_pixels(raw.float()))
-
-
-# ------------------------------------------------------------------------------------------------
-# grids
-# ------------------------------------------------------------------------------------------------
-
-
-def grid_indices(num: int, grid_max: int = GRID_MAX) -> np.ndarray:
-    """Up to ``grid_max`` sample indices spread evenly over 0..num-1, increasing (all when num <= grid_max)."""
-    if grid_max <= 0:
-        return np.zeros(0, dtype=np.int64)
-    if num <= grid_max:
-        return np.arange(num, dtype=np.int64)
-    return np.unique(np.linspace(0, num - 1, grid_max).round().astype(np.int64))
-
-
-def image_grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 [n, H, W, 3] -> one uint8 image [rows * (H + pad) + pad, cols * (W + pad) + pad, 3],
-    row-major, white padding; cols defaults to ceil(sqrt(n))."""
-    n, h, w, c = images.shape
-    cols = cols or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / cols)
-    out = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, q = divmod(k, cols)
-        out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = images[k]
-    return out
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# ------------------------------------------------------------------------------------------------
-# the trainer's preview
-# ------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def write_preview_grid(dit_model: nn.Module, decoder: "str | nn.Module | LoadedDecoder",
-                       normalizer: LatentNormalizer | None, shift_alpha: float, labels: Sequence[int], out_png: str,
-                       *, steps: int = 50, seed: int = 0, sampler: str = "euler", cfg_scale: float = 1.0,
-                       cfg_interval: tuple[float, float] = (0.0, 1.0), ema_state: dict | None = None,
-                       batch_size: int = 64, autocast_dtype: torch.dtype | None = None,
-                       storage_options: dict | None = None) -> np.ndarray:
-    """Sample one image per label with a model being trained and write them as a PNG grid.
-
-    Contract (for ``train-dit``, called on rank 0 only; no collectives):
-    - dit_model: the live model (DDP / torch.compile wrappers are looked through). Its train/eval
-      mode is restored on return and its weights are not touched. ``ema_state``: sample with these
-      weights instead (e.g. ``EMA.state_dict()``) on a temporary copy of the model.
-    - decoder: an ``RAEDecoder`` module (load it once with :func:`load_decoder` and pass
-      ``.model``), a :class:`LoadedDecoder`, or a checkpoint URI (loaded on every call: slow).
-      It is moved to the DiT's device. Encoder compatibility is the caller's check
-      (:func:`check_decoder_reads` with the store's identity).
-    - normalizer: the statistics the model trains with (None: raw latents); shift_alpha: the run's.
-    - Sample k has label ``labels[k]`` and the noise of index k under ``seed`` (:func:`sample_noise`):
-      the same seed shows the same noise at every call, so grids of successive steps compare.
-    - Global RNG state is not used or changed. Returns the images, uint8 [len(labels), H, W, 3];
-      writes ``out_png`` (any fsspec URI) atomically.
-    """
-    from trainer.checkpoint import unwrap_model
-
-    model = unwrap_model(dit_model)
-    device = next(model.parameters()).device
-    if ema_state is not None:
-        model = copy.deepcopy(model)
-        model.load_state_dict(ema_state)
-    if isinstance(decoder, str):
-        decoder = load_decoder(decoder, device=device, storage_options=storage_options)
-    dec = decoder.model if isinstance(decoder, LoadedDecoder) else decoder
-    dec_was_training, was_training = dec.training, model.training
-    dec_device = next(dec.parameters()).device
-    labels_t = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-    grid = reference_grid(steps, alpha=shift_alpha)
-    shape = (model.cfg.in_channels, model.cfg.input_size, model.cfg.input_size)
-    images = []
-    try:
-        model.eval()
-        dec.eval().to(device)
-        for start in range(0, len(labels_t), batch_size):
-            idx = range(start, min(start + batch_size, len(labels_t)))
-            noise = sample_noise(seed, idx, shape).to(device)
-            z = generate_latents(model, labels_t[start:idx.stop].to(device), noise, grid, sampler=sampler,
-                                 cfg_scale=cfg_scale, cfg_interval=cfg_interval, autocast_dtype=autocast_dtype)
-            images.append(decode_latents(dec, z, normalizer))
-    finally:
-        model.train(was_training)
-        dec.train(dec_was_training).to(dec_device)
-    out = np.concatenate(images)
-    uri_lib.atomic_write_bytes(out_png, png_bytes(image_grid(out)), storage_options)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # the sampling job: blocks, parts, resume, merge
 # ------------------------------------------------------------------------------------------------
 
@@ -579,7 +183,7 @@ class SamplingJob:
         z = generate_latents(self.dit.model, y, noise, self.grid, sampler=cfg.sampler, cfg_scale=cfg.cfg_scale,
                              cfg_interval=cfg.cfg_interval, weak_model=self.weak.model if self.weak else None,
                              ag_scale=cfg.ag_scale, autocast_dtype=self.autocast_dtype)
-        return decode_latents(self.decoder.model, z, self.dit.normalizer)
+        return latents_to_images(self.decoder.model, z, self.dit.normalizer)
 
     def sample_block(self, start: int, stop: int, on_batch: Callable[[int], None] | None = None) -> np.ndarray:
         """uint8 [stop - start, H, W, 3]: micro-batches of batch_size rows counted from ``start``,
@@ -860,9 +464,6 @@ def _merge(out: str, plan: dict, labels: np.ndarray, blocks: list[tuple[int, int
 
 
 __all__ = [
-    "SampleConfig", "SampleError", "SampleInterrupted", "SampleResult", "LoadedDiT", "LoadedDecoder",
-    "SamplingJob", "check_config", "check_compatible", "check_decoder_reads", "checkpoint_shift_alpha",
-    "checkpoint_latent_shape", "decode_latents", "generate_latents", "grid_indices", "image_grid", "load_decoder",
-    "load_dit", "parse_interval", "plan_blocks", "sample", "sample_labels", "sample_noise", "to_uint8",
-    "write_preview_grid",
+    "SampleConfig", "SampleError", "SampleInterrupted", "SampleResult", "SamplingJob", "check_config",
+    "parse_interval", "plan_blocks", "sample",
 ]

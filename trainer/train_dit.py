@@ -52,11 +52,12 @@ from pipeline.store import LatentStore
 from schemas import store_v1
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, read_meta
-from trainer.data import LatentLoader, LatentNormalizer, LoaderConfig
+from trainer.data import LatentLoader, LoaderConfig
 from trainer.flow import interpolate, sample_train_times, shift_alpha, velocity_target
 from trainer.loop import TrainError, TrainLoop, check_steps, mix_seed, read_run_config, store_meta, total_steps
 from trainer.models import model_meta
 from trainer.models.dit import MODEL_SIZES, DiTConfig, build_model, count_parameters, dit_config
+from trainer.normalize import LatentNormalizer
 from trainer.optim import EMA, DiTLRSchedule, build_adamw, build_lr_scheduler, check_finite, clip_grad_norm
 
 CHECKPOINT_KIND = "dit"
@@ -502,20 +503,20 @@ class DiTTrainer(TrainLoop):
         one fails the whole group at once; rank 0 keeps it)."""
         if uri is None:
             return None
-        from trainer.sample import SampleError, check_decoder_reads, load_decoder
+        from trainer.loading import LoadError, check_decoder_reads, load_decoder
 
         try:
             decoder = load_decoder(uri, device=self.device, storage_options=self.so)
             check_decoder_reads(decoder, self.latent_shape, f"store {self.store.uri}",
                                 store_v1.encoder_identity(self.store.spec))
-        except SampleError as e:
+        except LoadError as e:
             raise TrainError(f"--preview-decoder: {e}") from None
         return decoder if self.dist.is_main else None
 
     def write_preview(self) -> str:
         """Sample ``train.preview_num`` images with the EMA weights (Euler, reference grid, no
         guidance, the same noise every time), decode them and write ``previews/step-NNNNNNN.png``."""
-        from trainer.sample import sample_labels, write_preview_grid
+        from trainer.sampling import sample_labels, write_preview_grid
 
         t = self.cfg.train
         out = uri_lib.join(self.run_dir, PREVIEW_DIR, f"step-{self.step:07d}.png")

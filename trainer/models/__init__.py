@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import nn
 
+from schemas.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -48,7 +50,7 @@ MODEL_REGISTRY: dict[str, ModelSpec] = {
 }
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     """A model class name (from checkpoint meta, usually) that is not registered."""
 
 

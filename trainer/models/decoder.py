@@ -1,6 +1,6 @@
 """The RAE pixel decoder: a ViT in the style of the MAE decoder that maps encoder tokens to pixels.
 
-The module computes exactly the function of section 3 of ``rae-checkpoint-format.md`` and uses
+The module computes exactly the function of section 3 of ``docs/checkpoint-format.md`` and uses
 the reference's parameter names (``decoder_embed``, ``decoder_pos_embed``, ``trainable_cls_token``,
 ``decoder_layers.{i}.attention.attention.query`` ... ``decoder_pred``), so ``state_dict()`` has the
 keys and shapes of a released decoder file and such a file loads with ``load_state_dict`` as is.
@@ -20,7 +20,6 @@ Paper vs reference code, and what this file picks (both are available):
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -29,36 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.uri import read_bytes
+from pipeline.weights import read_state_dict
+from trainer.models.position import sincos_pos_embed_2d
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-# --------------------------------------------------------------------------------------------
-# Position table
-# --------------------------------------------------------------------------------------------
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """2-D sin-cos position table, float64 [grid_size**2, dim].
-
-    Token k sits at row ``k // grid_size``, column ``k % grid_size``. The first dim/2 channels
-    encode the **column**, the second dim/2 the **row**; each half is ``[sin(pos * w_i)]_i`` then
-    ``[cos(pos * w_i)]_i`` for i < dim/4, with ``w_i = 10000 ** (-i / (dim / 4))``. This is the
-    reference's (MAE numpy) layout, also used by the DiT ``pos_embed``.
-    """
-    if dim % 4 != 0:
-        raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
-    quarter = dim // 4
-    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64, device="cpu") / quarter)
-    pos = torch.arange(grid_size, dtype=torch.float64, device="cpu")
-    rows = pos.repeat_interleave(grid_size)  # (G*G,) row of token k
-    cols = pos.repeat(grid_size)  # (G*G,) column of token k
-
-    def half(coord: torch.Tensor) -> torch.Tensor:
-        angles = coord[:, None] * omega[None, :]  # (G*G, D/4)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (G*G, D/2)
-
-    return torch.cat([half(cols), half(rows)], dim=1)  # (G*G, D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,21 +273,6 @@ def noise_augment(
 # --------------------------------------------------------------------------------------------
 # Weight files (shared by the decoder, the discriminator and LPIPS)
 # --------------------------------------------------------------------------------------------
-def read_state_dict(uri: str) -> dict[str, torch.Tensor]:
-    """A bare state dict from a local path or fsspec URI (``.safetensors`` or a torch pickle,
-    loaded with ``weights_only``). Raises ValueError naming the file if it is not a tensor dict."""
-    data = read_bytes(uri)
-    if str(uri).endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        sd = load_safetensors(data)
-    else:
-        sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{uri}: expected a bare state dict (name -> tensor), got {type(sd).__name__}")
-    return sd
-
-
 def state_dict_sha256(sd: dict[str, torch.Tensor]) -> str:
     """sha256 over (name, dtype, shape, raw bytes) of every tensor in name order: the same weights
     hash the same whichever file or hub they came from."""

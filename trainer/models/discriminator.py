@@ -36,7 +36,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.models.decoder import IMAGENET_MEAN, IMAGENET_STD, check_state_dict, read_state_dict, state_dict_sha256
+from pipeline.weights import read_state_dict
+from trainer.models.decoder import IMAGENET_MEAN, IMAGENET_STD, check_state_dict, state_dict_sha256
 
 DINO_BACKBONE = "vit_small_patch8_224.dino"
 """timm name of the DINO ViT-S/8 (pretrained_cfg url: dino_deitsmall8_pretrain.pth)"""

@@ -1,7 +1,7 @@
 """DiT^DH and plain DiT (LightningDiT-style) velocity models for RAE latents.
 
 The function computed, and the parameter/buffer names, are exactly those of the public RAE reference
-(`DiTwDDTHead`, `LightningDiT`), as fixed by `docs/rae-checkpoint-format.md` sections 1-2. Our module
+(`DiTwDDTHead`, `LightningDiT`), as fixed by `docs/checkpoint-format.md` sections 1-2. Our module
 names *are* the reference key layout, so a published state dict loads with a plain key match
 (`model.load_state_dict(sd)`) and our `state_dict()` is already in the published format.
 
@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from trainer.models.position import sincos_pos_embed_2d
 
 
 @dataclass
@@ -70,24 +72,6 @@ class DiTConfig:
 #################################################################################
 #                    Position tables (sin-cos, RoPE) and helpers                #
 #################################################################################
-
-
-def sincos_pos_embed_2d(dim: int, grid_size: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos position table, [G*G, dim], float64 (format doc section 2, "pos_embed").
-
-    Token k = r*G + c. Channels [0, dim/2) encode the column c, [dim/2, dim) the row r; each half is
-    [sin(pos * w_i) for i < dim/4] then [cos(pos * w_i)], w_i = 10000^(-i / (dim/4)).
-    """
-    quarter = dim // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
-    pos = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = pos.repeat_interleave(grid_size), pos.repeat(grid_size)  # (G*G,) each, row-major
-
-    def encode(p: torch.Tensor) -> torch.Tensor:
-        angles = p[:, None] * omega[None, :]  # (G*G, dim/4)
-        return torch.cat([angles.sin(), angles.cos()], dim=1)
-
-    return torch.cat([encode(cols), encode(rows)], dim=1)  # (G*G, dim)
 
 
 def axial_rope_tables(head_dim: int, grid_size: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,25 +12,7 @@ from typing import List, Optional
 
 import typer
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe the user's inputs (config, store, run directory, checkpoint, source
-    images, weights): a message, no traceback. A non-finite loss is reported the same way."""
-    from pipeline.config import ConfigError
-    from pipeline.encoders import EncoderWeightsError, HubWeightsUnavailableError
-    from pipeline.store import StoreError
-    from schemas.checkpoint_v1 import CheckpointMetaError
-    from schemas.store_v1 import StoreSpecError
-    from trainer.checkpoint import CheckpointError
-    from trainer.decoder_data import DecoderDataError, SourceMismatchError
-    from trainer.loop import TrainError
-    from trainer.models import UnknownModelError
-    from trainer.optim import NonFiniteLossError
-    from trainer.reconstruct import ReconstructError
-
-    return (ConfigError, StoreError, StoreSpecError, CheckpointError, CheckpointMetaError, TrainError,
-            UnknownModelError, NonFiniteLossError, DecoderDataError, SourceMismatchError, ReconstructError,
-            EncoderWeightsError, HubWeightsUnavailableError, FileNotFoundError)
+from pipeline.cli.common import user_command
 
 
 def fit_decoder_command(
@@ -42,11 +24,10 @@ def fit_decoder_command(
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
     """Train the RAE pixel decoder (L1 + LPIPS + adaptive GAN, EMA) on a store; resume a run directory."""
-    from pipeline.cli_train import run_training_command
+    from pipeline.cli.train import run_training_command
     from trainer.fit_decoder import fit_decoder, resolve_config
 
-    run_training_command(resolve_config, preset, overrides, print_config, _user_errors,
-                         lambda cfg: fit_decoder(cfg, store, run_dir))
+    run_training_command(resolve_config, preset, overrides, print_config, lambda cfg: fit_decoder(cfg, store, run_dir))
 
 
 def reconstruct_command(
@@ -59,18 +40,14 @@ def reconstruct_command(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
 ) -> None:
     """Write a grid of originals beside their reconstructions; print PSNR and SSIM (and the JSON summary)."""
-    try:
-        from trainer.reconstruct import reconstruct
+    from trainer.reconstruct import reconstruct
 
-        result = reconstruct(decoder_ckpt, store, out, num=num, use_ema=not raw_weights, device=device)
-    except _user_errors() as e:
-        typer.echo(f"Error: {e}", err=True)
-        raise typer.Exit(1) from None
+    result = reconstruct(decoder_ckpt, store, out, num=num, use_ema=not raw_weights, device=device)
     typer.echo(f"PSNR {result['psnr']:.2f} dB, SSIM {result['ssim']:.4f} over {result['num']} images "
                f"({result['weights']} weights, step {result['step']}); grid {result['grid']}")
     typer.echo(json.dumps(result))
 
 
 def register(app: typer.Typer) -> None:
-    app.command("fit-decoder")(fit_decoder_command)
-    app.command("reconstruct")(reconstruct_command)
+    app.command("fit-decoder")(user_command(fit_decoder_command))
+    app.command("reconstruct")(user_command(reconstruct_command))

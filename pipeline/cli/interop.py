@@ -9,12 +9,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli_choices import EncoderChoice, WeightsChoice
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(1)
+from pipeline.cli.common import EncoderChoice, WeightsChoice, fail, user_command
 
 
 def import_rae_command(
@@ -37,12 +32,9 @@ def import_rae_command(
     from trainer.checkpoint import read_meta
     from trainer.interop import import_rae
 
-    try:
-        written = import_rae(out, dit=dit, decoder=decoder, stats=stats, encoder=encoder.value, resolution=resolution,
-                             use=use.value if use is not None else "auto", decoder_num_heads=decoder_heads,
-                             head_depth=head_depth, overwrite=overwrite)
-    except ValueError as e:
-        _fail(str(e))
+    written = import_rae(out, dit=dit, decoder=decoder, stats=stats, encoder=encoder.value, resolution=resolution,
+                         use=use.value if use is not None else "auto", decoder_num_heads=decoder_heads,
+                         head_depth=head_depth, overwrite=overwrite)
     for kind, uri in written.items():
         meta = read_meta(uri)
         info = meta.extra["imported"]
@@ -70,21 +62,18 @@ def export_rae_command(
     from trainer.interop import export_rae, export_store_stats
 
     if (ckpt is None) == (store is None):
-        _fail("give exactly one of --ckpt and --store")
-    try:
-        if store is not None:
-            files = {"stats": export_store_stats(store, out)}
-        else:
-            result = export_rae(ckpt, out, which=which.value, learn_sigma=learn_sigma)
-            if result.weights != which.value:
-                typer.echo(f"the checkpoint has no {which.value} weights: exported the {result.weights} weights", err=True)
-            files = result.files
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail("give exactly one of --ckpt and --store")
+    if store is not None:
+        files = {"stats": export_store_stats(store, out)}
+    else:
+        result = export_rae(ckpt, out, which=which.value, learn_sigma=learn_sigma)
+        if result.weights != which.value:
+            typer.echo(f"the checkpoint has no {which.value} weights: exported the {result.weights} weights", err=True)
+        files = result.files
     for role, uri in files.items():
         typer.echo(f"{role}: {uri}")
 
 
 def register(app: typer.Typer) -> None:
-    app.command("import-rae")(import_rae_command)
-    app.command("export-rae")(export_rae_command)
+    app.command("import-rae")(user_command(import_rae_command))
+    app.command("export-rae")(user_command(export_rae_command))

@@ -6,14 +6,13 @@ progress and messages go to stderr. Heavy imports happen inside the commands.
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from enum import Enum
 from typing import Optional
 
 import typer
 
-from pipeline.cli_choices import EncoderChoice
+from pipeline.cli.common import EncoderChoice, fail, log_to_stderr, user_command
+from schemas.errors import UserError
 
 stores_app = typer.Typer(
     name="stores",
@@ -40,11 +39,6 @@ class CompressorChoice(str, Enum):
     none = "none"
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 def _task_error_cause(e: BaseException) -> str | None:
     """The message of the error a Ray task raised (StoreError, OSError...) under Ray Data's
     wrappers, which keep it only as text; None when ``e`` is not a Ray task failure."""
@@ -60,18 +54,6 @@ def _task_error_cause(e: BaseException) -> str | None:
         if m and not m.group(1).startswith("ray."):
             return f"{m.group(1).rsplit('.', 1)[-1]}: {m.group(2)}"
     return text.strip().splitlines()[-1] if text.strip() else type(e).__name__
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe a user's input (data, weights, store, options): a message, no traceback."""
-    from pipeline.config import ConfigError
-    from pipeline.encode import EncodeError
-    from pipeline.encoders import EncoderWeightsError
-    from pipeline.sources import SourceError
-    from pipeline.store import StoreError
-    from schemas.store_v1 import StoreSpecError
-
-    return (ConfigError, EncodeError, EncoderWeightsError, SourceError, StoreError, StoreSpecError, FileNotFoundError)
 
 
 def encode_command(
@@ -122,7 +104,6 @@ def encode_command(
         "ray_address": ray_address,
         "order_seed": seed,
     }
-    errors = _user_errors()
     try:
         cfg = apply_overrides(cfg, list(overrides))
         for key, value in given.items():
@@ -130,17 +111,17 @@ def encode_command(
                 setattr(cfg, key, value)
         if no_progress:
             cfg.progress = False
-        _log_to_stderr()
+        log_to_stderr()
         result = encode(cfg)
     except HubWeightsUnavailableError as e:
         raise typer.BadParameter(str(e), param_hint="'--weights'") from None
-    except (ValueError, *errors) as e:
-        _fail(str(e))
+    except UserError:
+        raise
     except Exception as e:
         cause = _task_error_cause(e)
         if cause is None:
             raise
-        _fail(f"{cause}\n(the store is resumable: rerun the same command)")
+        fail(f"{cause}\n(the store is resumable: rerun the same command)")
     if result.reused:
         typer.echo(f"store is complete, reused: {result.uri}", err=True)
     else:
@@ -152,25 +133,8 @@ def encode_command(
     typer.echo(result.uri)
 
 
-class _StderrHandler(logging.Handler):
-    """Writes to whatever ``sys.stderr`` is at the time of the message (test runners swap it)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            sys.stderr.write(self.format(record) + "\n")
-        except (OSError, ValueError):
-            self.handleError(record)
-
-
-def _log_to_stderr() -> None:
-    """Our INFO messages on stderr, once (the CLI owns the process; library code does not)."""
-    logger = logging.getLogger("pipeline")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
-        logger.setLevel(logging.INFO)
-
-
 @stores_app.command("list")
+@user_command
 def stores_list(root: str = typer.Argument(..., help="Folder or URI holding stores.")) -> None:
     """Every store under ROOT, complete and incomplete."""
     from rich.console import Console
@@ -178,10 +142,7 @@ def stores_list(root: str = typer.Argument(..., help="Folder or URI holding stor
 
     from pipeline.store import list_stores
 
-    try:
-        statuses = list_stores(root)
-    except _user_errors() as e:
-        _fail(str(e))
+    statuses = list_stores(root)
     if not statuses:
         typer.echo(f"no stores under {root}", err=True)
         return
@@ -202,6 +163,7 @@ def stores_list(root: str = typer.Argument(..., help="Folder or URI holding stor
 
 
 @stores_app.command("describe")
+@user_command
 def stores_describe(uri: str = typer.Argument(..., help="The store.")) -> None:
     """The store's spec as JSON (complete stores), or its progress (incomplete ones)."""
     from pipeline.store import IncompleteStoreError, LatentStore, store_status
@@ -211,13 +173,12 @@ def stores_describe(uri: str = typer.Argument(..., help="The store.")) -> None:
     except IncompleteStoreError as e:
         st = store_status(uri)
         done = f" ({st.shards_done}/{st.num_shards} shards written)" if st else ""
-        _fail(f"{e}{done}")
-    except _user_errors() as e:
-        _fail(str(e))
+        fail(f"{e}{done}")
     typer.echo(json.dumps(spec, indent=1, sort_keys=True))
 
 
 @stores_app.command("verify")
+@user_command
 def stores_verify(
     uri: str = typer.Argument(..., help="The store."),
     no_stats: bool = typer.Option(False, "--no-stats", help="Skip recomputing the statistics."),
@@ -233,6 +194,7 @@ def stores_verify(
 
 
 @stores_app.command("rm")
+@user_command
 def stores_rm(
     uri: str = typer.Argument(..., help="The store."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
@@ -240,18 +202,15 @@ def stores_rm(
     """Delete a store (its COMPLETE marker first, so a half-deleted store never reads as complete)."""
     from pipeline.store import remove_store, store_status
 
-    try:
-        st = store_status(uri)
-        if st is None:
-            _fail(f"{uri} is not a latent store")
-        if not yes:
-            typer.confirm(f"delete store {st.uri} ({'complete' if st.complete else 'incomplete'})?", abort=True)
-        remove_store(uri)
-    except _user_errors() as e:
-        _fail(str(e))
+    st = store_status(uri)
+    if st is None:
+        fail(f"{uri} is not a latent store")
+    if not yes:
+        typer.confirm(f"delete store {st.uri} ({'complete' if st.complete else 'incomplete'})?", abort=True)
+    remove_store(uri)
     typer.echo(f"removed {st.uri}", err=True)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("encode")(encode_command)
+    app.command("encode")(user_command(encode_command))
     app.add_typer(stores_app, name="stores")

@@ -1,4 +1,4 @@
-"""``rae-pipeline evaluate`` and ``rae-pipeline ref-stats`` (metrics in trainer/evaluate.py).
+"""``rae-pipeline evaluate`` and ``rae-pipeline ref-stats`` (trainer/evaluate.py; metrics in trainer/metrics/).
 
 ``evaluate`` prints a table of the metrics and writes them as JSON; ``ref-stats`` writes a
 reference-statistics ``.npz`` and prints its path as the last line of stdout. Progress and
@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli_choices import DeviceChoice
+from pipeline.cli.common import DeviceChoice, user_command
 
 
 class RefSourceKind(str, Enum):
@@ -26,22 +26,8 @@ _WEIGHTS_HELP = (
 )
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe a user's input: a message, no traceback."""
-    from pipeline.sources import SourceError
-    from pipeline.store import StoreError
-    from trainer.evaluate import EvaluationError, InceptionWeightsError
-
-    return (EvaluationError, InceptionWeightsError, SourceError, StoreError, FileNotFoundError)
-
-
 def _load_inception(weights: str, device: DeviceChoice):
-    from trainer.evaluate import InceptionWeightsUnavailable, load_inception
+    from trainer.metrics.inception import InceptionWeightsUnavailable, load_inception
 
     try:
         extractor, info = load_inception(weights, device.value)
@@ -98,15 +84,12 @@ def evaluate_command(
     from pipeline import uri as U
     from trainer.evaluate import compute_metrics
 
-    try:
-        extractor = _load_inception(inception_weights, device)
-        metrics = compute_metrics(samples, ref, extractor=extractor, batch_size=batch_size, verbose=not no_progress)
-        if out is None:
-            base = U.normalize(samples)
-            out = (base[: -len(".npz")] if base.endswith(".npz") else base) + ".metrics.json"
-        U.write_json(out, metrics)
-    except _user_errors() as e:
-        _fail(str(e))
+    extractor = _load_inception(inception_weights, device)
+    metrics = compute_metrics(samples, ref, extractor=extractor, batch_size=batch_size, verbose=not no_progress)
+    if out is None:
+        base = U.normalize(samples)
+        out = (base[: -len(".npz")] if base.endswith(".npz") else base) + ".metrics.json"
+    U.write_json(out, metrics)
     _print_table(metrics)
     typer.echo(f"metrics written to {U.normalize(out)}", err=True)
 
@@ -131,24 +114,20 @@ def ref_stats_command(
 
     The file holds mu/sigma (FID) and mu_s/sigma_s (sFID), the pool features (precision/recall) and
     the logits (the reference's IS), and which Inception weights made them."""
-    from trainer.evaluate import (
-        compute_reference_stats, folder_image_set, npz_image_set, save_reference_stats, store_image_set,
-    )
+    from trainer.metrics.images import folder_image_set, npz_image_set, store_image_set
+    from trainer.metrics.reference import compute_reference_stats, save_reference_stats
 
-    try:
-        if kind is RefSourceKind.npz:
-            if resolution is not None:
-                raise typer.BadParameter("--resolution applies to folders and stores; .npz images are used as they are")
-            images = npz_image_set(uri, num=num, seed=seed)
-        elif kind is RefSourceKind.folder:
-            images = folder_image_set(uri, resolution=resolution or 256, num=num, seed=seed)
-        else:
-            images = store_image_set(uri, resolution=resolution, num=num, seed=seed)
-        extractor = _load_inception(inception_weights, device)
-        stats = compute_reference_stats(images, extractor, batch_size=batch_size, verbose=not no_progress)
-        written = save_reference_stats(stats, out)
-    except _user_errors() as e:
-        _fail(str(e))
+    if kind is RefSourceKind.npz:
+        if resolution is not None:
+            raise typer.BadParameter("--resolution applies to folders and stores; .npz images are used as they are")
+        images = npz_image_set(uri, num=num, seed=seed)
+    elif kind is RefSourceKind.folder:
+        images = folder_image_set(uri, resolution=resolution or 256, num=num, seed=seed)
+    else:
+        images = store_image_set(uri, resolution=resolution, num=num, seed=seed)
+    extractor = _load_inception(inception_weights, device)
+    stats = compute_reference_stats(images, extractor, batch_size=batch_size, verbose=not no_progress)
+    written = save_reference_stats(stats, out)
     typer.echo(
         f"reference statistics of {int(stats['num_images'])} images ({kind.value} {uri}), Inception weights "
         f"{extractor.info['source']}", err=True,
@@ -157,5 +136,5 @@ def ref_stats_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("evaluate")(evaluate_command)
-    app.command("ref-stats")(ref_stats_command)
+    app.command("evaluate")(user_command(evaluate_command))
+    app.command("ref-stats")(user_command(ref_stats_command))

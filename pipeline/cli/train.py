@@ -11,21 +11,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that describe the user's inputs (config, store, run directory, checkpoint, data): a
-    message, no traceback. A non-finite loss is reported the same way (it names the step)."""
-    from pipeline.config import ConfigError
-    from pipeline.store import StoreError
-    from schemas.checkpoint_v1 import CheckpointMetaError
-    from schemas.store_v1 import StoreSpecError
-    from trainer.checkpoint import CheckpointError
-    from trainer.models import UnknownModelError
-    from trainer.optim import NonFiniteLossError
-    from trainer.train_dit import TrainError
-
-    return (ConfigError, StoreError, StoreSpecError, CheckpointError, CheckpointMetaError, TrainError,
-            UnknownModelError, NonFiniteLossError, FileNotFoundError)
+from pipeline.cli.common import user_command
 
 
 def train_dit_command(
@@ -50,40 +36,26 @@ def train_dit_command(
     from trainer.train_dit import resolve_config, train_dit
 
     run_training_command(
-        resolve_config, preset, overrides, print_config, _user_errors,
+        resolve_config, preset, overrides, print_config,
         lambda cfg: train_dit(cfg, store, run_dir, init_from=init_from, stats=stats, preview_decoder=preview_decoder),
     )
 
 
 def run_training_command(resolve_config: Callable, preset: str, overrides: Optional[List[str]], print_config: bool,
-                         user_errors: Callable[[], tuple[type[BaseException], ...]], train: Callable) -> None:
+                         train: Callable) -> None:
     """What train-dit and fit-decoder do with their options: resolve the preset and overrides, print
-    the config (``--print-config``) or train; the user's errors become one line and exit code 1."""
-    try:
-        from pipeline.config import to_dict
+    the config (``--print-config``) or train. The user's errors (a non-finite loss among them: it
+    names the step) become one line and exit code 1 through ``user_command``."""
+    from pipeline.config import to_dict
 
-        cfg = resolve_config(preset, overrides or [])
-        if print_config:
-            typer.echo(json.dumps(to_dict(cfg), indent=1))
-            return
-        result = train(cfg)
-    except user_errors() as e:
-        typer.echo(f"Error: {error_line(e)}", err=True)
-        raise typer.Exit(1) from None
+    cfg = resolve_config(preset, overrides or [])
+    if print_config:
+        typer.echo(json.dumps(to_dict(cfg), indent=1))
+        return
+    result = train(cfg)
     if result.checkpoint is not None:  # rank 0
         typer.echo(f"trained to step {result.step} ({result.stopped_by}); checkpoint {result.checkpoint}")
 
 
-def error_line(e: BaseException) -> str:
-    """The user's message of ``e``. An error raised in a DataLoader worker arrives re-raised with
-    "Caught X in DataLoader worker process N" and the worker's traceback: keep its last line's message."""
-    text = str(e)
-    if text.startswith("Caught ") and "Original Traceback" in text:
-        last = [line for line in text.strip().splitlines() if line.strip()][-1]
-        name = type(e).__name__
-        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
-    return text
-
-
 def register(app: typer.Typer) -> None:
-    app.command("train-dit")(train_dit_command)
+    app.command("train-dit")(user_command(train_dit_command))

@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli_choices import DeviceChoice, WeightsChoice
+from pipeline.cli.common import DeviceChoice, WeightsChoice, fail, user_command
 
 
 class SamplerChoice(str, Enum):
@@ -27,32 +27,6 @@ class SamplerChoice(str, Enum):
 class PrecisionChoice(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
-
-
-def _user_errors(evaluation: bool = False) -> tuple[type[BaseException], ...]:
-    """Errors that describe the user's inputs: a message, no traceback. ``evaluation`` adds those of
-    the image sources and the Inception network (imported only then: torch-fidelity is slow to import)."""
-    from pipeline.config import ConfigError
-    from pipeline.store import StoreError
-    from schemas.checkpoint_v1 import CheckpointMetaError
-    from schemas.store_v1 import StoreSpecError
-    from trainer.checkpoint import CheckpointError
-    from trainer.models import UnknownModelError
-    from trainer.sample import SampleError
-
-    errors: tuple[type[BaseException], ...] = (SampleError, CheckpointError, CheckpointMetaError, UnknownModelError,
-                                               ConfigError, StoreError, StoreSpecError, FileNotFoundError)
-    if evaluation:
-        from pipeline.sources import SourceError
-        from trainer.evaluate import EvaluationError, InceptionWeightsError
-
-        errors += (SourceError, EvaluationError, InceptionWeightsError)
-    return errors
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"Error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def sample_command(
@@ -106,9 +80,7 @@ def sample_command(
         result = sample(dit_ckpt, decoder_ckpt, out, cfg, autoguidance_ckpt=autoguidance_ckpt, stats=stats,
                         device=device.value)
     except SampleInterrupted as e:
-        _fail(f"interrupted: {e}; rerun the same command to resume", code=3)
-    except _user_errors() as e:
-        _fail(str(e))
+        fail(f"interrupted: {e}; rerun the same command to resume", code=3)
     if result is not None:  # rank 0
         typer.echo(result.samples)
 
@@ -155,7 +127,7 @@ def rfid_command(
     import torch
 
     from pipeline import uri as U
-    from trainer.evaluate import InceptionWeightsUnavailable
+    from trainer.metrics.inception import InceptionWeightsUnavailable
     from trainer.rfid import reconstruction_metrics
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device is DeviceChoice.auto else device.value
@@ -167,8 +139,6 @@ def rfid_command(
             U.write_json(out, metrics)
     except InceptionWeightsUnavailable as e:
         raise typer.BadParameter(str(e), param_hint="'--inception-weights'") from None
-    except _user_errors(evaluation=True) as e:
-        _fail(str(e))
     if not metrics["comparable_to_published"]:
         inc = metrics["inception"]
         typer.echo(f"WARNING: Inception weights are {inc['source']} ({inc['path'] or 'seeded random init'}), "
@@ -180,5 +150,5 @@ def rfid_command(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sample")(sample_command)
-    app.command("rfid")(rfid_command)
+    app.command("sample")(user_command(sample_command))
+    app.command("rfid")(user_command(rfid_command))

@@ -1,5 +1,7 @@
-"""The ``rae-pipeline`` command line. Each stage registers its commands from its own module; heavy
-imports (torch, Ray, zarr) happen inside the commands, so ``--help`` is instant."""
+"""The ``rae-pipeline`` command line: the top floor, above ``pipeline/`` and ``trainer/``. Each stage
+registers its commands from its own module here; heavy imports (torch, Ray, zarr) happen inside the
+commands, so ``--help`` is instant. Every command ends with one line and exit code 1 on a
+:class:`~schemas.errors.UserError` (see ``common.user_command``)."""
 from __future__ import annotations
 
 import importlib
@@ -17,12 +19,12 @@ app = typer.Typer(
 
 # Modules with a `register(app)` function, in the order their commands appear in --help.
 COMMAND_MODULES = [
-    "pipeline.cli_encode",
-    "pipeline.cli_interop",
-    "pipeline.cli_train",
-    "pipeline.cli_decoder",
-    "pipeline.cli_evaluate",
-    "pipeline.cli_sample",
+    "pipeline.cli.encode",
+    "pipeline.cli.interop",
+    "pipeline.cli.train",
+    "pipeline.cli.decoder",
+    "pipeline.cli.evaluate",
+    "pipeline.cli.sample",
 ]
 
 for _name in COMMAND_MODULES:
@@ -31,7 +33,3 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -65,7 +65,10 @@ def run_demo(cfg: DemoConfig) -> str:
     from pipeline.sample_data import ensure_sample_data
     from trainer import fit_decoder as fd
     from trainer import train_dit as td
-    from trainer.evaluate import compute_metrics, compute_reference_stats, load_inception, save_reference_stats, store_image_set
+    from trainer.evaluate import compute_metrics
+    from trainer.metrics.images import store_image_set
+    from trainer.metrics.inception import load_inception
+    from trainer.metrics.reference import compute_reference_stats, save_reference_stats
     from trainer.reconstruct import reconstruct
     from trainer.sample import SampleConfig, sample
 
@@ -180,7 +183,7 @@ def write_report(out, cfg, store, enc, dec, dit, sam, metrics, recon, timings, r
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.cli.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=DemoConfig.out, help="folder for everything the demo writes")
     p.add_argument("--encoder", default=DemoConfig.encoder, choices=["dinov2", "siglip2", "siglip", "mae"])
     p.add_argument("--weights", default=DemoConfig.weights, help="encoder weights: random | hub | FILE")
