@@ -76,6 +76,7 @@ class BenchOptions:
     work_dir: str = "bench/work"
     sample_data: str | None = None
     s3_ranged_reads: bool = True
+    inception_weights: str | None = None  # Inception weights file for rFID figures (None: no rFID)
 
 
 class BenchContext:

@@ -1,5 +1,6 @@
-"""A fault-injecting HTTP proxy for `make drills`: a real loopback process between a client (s3fs,
-botocore) and an HTTP endpoint (the drills' moto S3 server) that fails a share of the requests.
+"""A fault- and latency-injecting HTTP proxy for `make drills` and `make bench`: a real loopback
+process between a client (s3fs, botocore) and an HTTP endpoint (a moto S3 server) that fails a share
+of the requests, and can make every request as slow as an object store's.
 
 Run it as its own process (``python -m bench.faultproxy --upstream http://127.0.0.1:PORT --error
 0.1 --drop 0.05``); it prints one JSON line ``{"url": ..., "pid": ...}`` on stdout once it listens,
@@ -15,9 +16,18 @@ generator (the sequence of draws is fixed; which request gets which draw depends
                    of its body are sent, then the connection is reset; responses without a body
                    are treated as lost_response
 
-Control requests under ``/__faultproxy__/`` are never faulted or forwarded: ``GET .../stats``
-returns the counters and rates as JSON; ``POST .../rates`` with a JSON object of rates sets them
-(unnamed kinds keep theirs). :class:`FaultProxy` starts, controls and stops the process.
+Latency (``--delay-ms D --bytes-per-s R``, default none): every request waits D ms after it is
+read and before anything else happens to it (an object store's time to first byte: S3 and GCS answer
+a GET after 20-60 ms), and a response body goes out on its connection at no more than R bytes/s.
+Requests on different connections wait at the same time, as on a real endpoint: throughput through
+the proxy depends on how many requests a client keeps in flight.
+
+Control requests under ``/__faultproxy__/`` are never faulted, delayed or forwarded: ``GET .../stats``
+returns the counters, rates and latency as JSON (with the requests in flight: now, the peak since
+the latency was last set, and their integral over time, so that two snapshots give the mean);
+``POST .../rates`` with a JSON object of rates sets them (unnamed kinds keep theirs); ``POST
+.../latency`` with ``{"delay_ms": D, "bytes_per_s": R or null}`` sets the latency and restarts the
+peak. :class:`FaultProxy` starts, controls and stops the process.
 
 Only the standard library is imported: the proxy starts in a fraction of a second.
 """
@@ -34,6 +44,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -46,6 +57,7 @@ CONTROL_PREFIX = "/__faultproxy__/"
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
               "transfer-encoding", "upgrade", "expect", "proxy-connection"}
 UPSTREAM_TIMEOUT_S = 60.0
+PACE_SLICE = 64 * 1024  # bytes written between checks of the bandwidth cap
 
 
 @dataclass
@@ -77,13 +89,45 @@ class FaultRates:
         return FaultRates(**{**asdict(self), **changes})
 
 
-class FaultPolicy:
-    """Seeded fault draws and the counters (thread-safe)."""
+@dataclass
+class Latency:
+    """Added to every proxied request: ``delay_ms`` before it is served (time to first byte), and at
+    most ``bytes_per_s`` for each response body on its connection (None: no cap)."""
 
-    def __init__(self, rates: FaultRates, seed: int = 0):
+    delay_ms: float = 0.0
+    bytes_per_s: float | None = None
+
+    def __post_init__(self):
+        self.delay_ms = float(self.delay_ms)
+        if not 0.0 <= self.delay_ms <= 60_000:
+            raise ValueError(f"delay_ms={self.delay_ms} is not in [0, 60000]")
+        if self.bytes_per_s is not None:
+            self.bytes_per_s = float(self.bytes_per_s)
+            if self.bytes_per_s <= 0:
+                raise ValueError(f"bytes_per_s={self.bytes_per_s} must be > 0 (or null: no cap)")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Latency":
+        unknown = sorted(set(d) - {"delay_ms", "bytes_per_s"})
+        if unknown:
+            raise ValueError(f"unknown latency setting(s) {unknown}; known: delay_ms, bytes_per_s")
+        return cls(**d)
+
+
+class FaultPolicy:
+    """Seeded fault draws, the latency, and the counters (thread-safe)."""
+
+    def __init__(self, rates: FaultRates, seed: int = 0, latency: Latency | None = None):
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
         self.rates = rates
+        self.latency = latency or Latency()
+        # Requests between being read and their response sent: now, peak, and the integral over
+        # time (request-seconds), updated at every change.
+        self.in_flight = self.in_flight_peak = 0
+        self.in_flight_seconds = 0.0
+        self._in_flight_since = time.monotonic()
+        self.bytes_sent = 0
         self.requests = 0
         self.faults = {k: 0 for k in FAULT_KINDS}
         self.forwarded = 0
@@ -106,13 +150,34 @@ class FaultPolicy:
                     return kind, detail
             return None, detail
 
-    def count(self, name: str) -> None:
+    def count(self, name: str, amount: int = 1) -> None:
         with self._lock:
-            setattr(self, name, getattr(self, name) + 1)
+            setattr(self, name, getattr(self, name) + amount)
 
     def set_rates(self, changes: dict) -> None:
         with self._lock:
             self.rates = self.rates.updated(changes)
+
+    def set_latency(self, latency: Latency) -> None:
+        with self._lock:
+            self.latency = latency
+            self.in_flight_peak = self.in_flight
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        self.in_flight_seconds += self.in_flight * (now - self._in_flight_since)
+        self._in_flight_since = now
+
+    def begin(self) -> None:
+        with self._lock:
+            self._advance()
+            self.in_flight += 1
+            self.in_flight_peak = max(self.in_flight_peak, self.in_flight)
+
+    def end(self) -> None:
+        with self._lock:
+            self._advance()
+            self.in_flight -= 1
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -125,6 +190,12 @@ class FaultPolicy:
                 "by_method": dict(sorted(self.by_method.items())),
                 "faults_by_method": dict(sorted(self.faults_by_method.items())),
                 "rates": asdict(self.rates),
+                "latency": asdict(self.latency),
+                "bytes_sent": self.bytes_sent,
+                "in_flight": {"now": self.in_flight, "peak": self.in_flight_peak,
+                              "request_seconds": self.in_flight_seconds + self.in_flight * (
+                                  time.monotonic() - self._in_flight_since)},
+                "clock_s": time.monotonic(),
             }
 
 
@@ -163,11 +234,22 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _handle(self) -> None:
+        self._latency: Latency | None = None  # this request's (None: a control request)
         body = self._read_body()
         if self.path.startswith(CONTROL_PREFIX):
             self._control(body)
             return
         policy = self.server.policy
+        policy.begin()
+        try:
+            self._serve(body, policy)
+        finally:
+            policy.end()
+
+    def _serve(self, body: bytes, policy: "FaultPolicy") -> None:
+        self._latency = latency = policy.latency
+        if latency.delay_ms:
+            time.sleep(latency.delay_ms / 1000.0)
         fault, detail = policy.draw(self.command)
         if fault == "error":
             status = 500 if detail < 0.5 else 503
@@ -237,7 +319,23 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
         self.end_headers()
         if not no_body and data:
+            self._write_paced(data)
+
+    def _write_paced(self, data: bytes) -> None:
+        """The body, at no more than the request's latency's bytes/s (control replies: at once)."""
+        cap = self._latency.bytes_per_s if self._latency is not None else None
+        if cap is None:
             self.wfile.write(data)
+        else:
+            view, t0 = memoryview(data), time.monotonic()
+            for start in range(0, len(view), PACE_SLICE):
+                piece = view[start:start + PACE_SLICE]
+                early = (start + len(piece)) / cap - (time.monotonic() - t0)
+                if early > 0:
+                    time.sleep(early)  # the piece's last byte leaves no sooner than the cap allows
+                self.wfile.write(piece)
+        if self._latency is not None:
+            self.server.policy.count("bytes_sent", len(data))
 
     def _reset(self) -> None:
         """Abort the connection: RST instead of an orderly close, as a crashed server or a broken
@@ -259,6 +357,9 @@ class _ProxyHandler(BaseHTTPRequestHandler):
                 out = policy.snapshot()
             elif name == "rates" and self.command == "POST":
                 policy.set_rates(json.loads(body or b"{}"))
+                out = policy.snapshot()
+            elif name == "latency" and self.command == "POST":
+                policy.set_latency(Latency.from_dict(json.loads(body or b"{}")))
                 out = policy.snapshot()
             else:
                 self._send(404, [("Content-Type", "text/plain")], b"unknown faultproxy control request")
@@ -304,8 +405,9 @@ class FaultProxy:
     """Starts ``python -m bench.faultproxy`` as a child process and talks to its control API."""
 
     def __init__(self, upstream: str, rates: FaultRates | None = None, *, seed: int = 0, host: str = "127.0.0.1",
-                 log_path: str | None = None):
+                 log_path: str | None = None, latency: Latency | None = None):
         self.upstream, self.rates, self.seed, self.host = upstream, rates or FaultRates(), seed, host
+        self.latency = latency or Latency()
         self.log_path = log_path  # the process's stderr (None: discarded)
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
@@ -314,7 +416,9 @@ class FaultProxy:
         r = self.rates
         return [sys.executable, "-m", "bench.faultproxy", "--upstream", self.upstream, "--host", self.host,
                 "--port", "0", "--seed", str(self.seed), "--error", str(r.error), "--drop", str(r.drop),
-                "--lost-response", str(r.lost_response), "--truncate", str(r.truncate)]
+                "--lost-response", str(r.lost_response), "--truncate", str(r.truncate),
+                "--delay-ms", str(self.latency.delay_ms)] + (
+                    ["--bytes-per-s", str(self.latency.bytes_per_s)] if self.latency.bytes_per_s else [])
 
     def start(self, timeout_s: float = 30.0) -> "FaultProxy":
         repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,6 +452,11 @@ class FaultProxy:
     def set_rates(self, **rates: float) -> dict:
         return self._control("rates", rates)
 
+    def set_latency(self, delay_ms: float = 0.0, bytes_per_s: float | None = None) -> dict:
+        """Set the latency of the requests read from now on, and restart the in-flight peak."""
+        self.latency = Latency(delay_ms, bytes_per_s)
+        return self._control("latency", asdict(self.latency))
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -375,11 +484,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     for kind in FAULT_KINDS:
         p.add_argument("--" + kind.replace("_", "-"), type=float, default=0.0, help=f"share of requests: {kind}")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="added to every request before it is served")
+    p.add_argument("--bytes-per-s", type=float, default=None, help="cap on each response body, per connection")
     args = p.parse_args(argv)
     rates = FaultRates(**{k: getattr(args, k) for k in FAULT_KINDS})
-    server = FaultProxyServer((args.host, args.port), args.upstream, FaultPolicy(rates, args.seed))
-    print(json.dumps({"url": server.url, "pid": os.getpid(), "upstream": args.upstream, "rates": asdict(rates)}),
-          flush=True)
+    latency = Latency(args.delay_ms, args.bytes_per_s)
+    server = FaultProxyServer((args.host, args.port), args.upstream, FaultPolicy(rates, args.seed, latency))
+    print(json.dumps({"url": server.url, "pid": os.getpid(), "upstream": args.upstream, "rates": asdict(rates),
+                      "latency": asdict(latency)}), flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

@@ -28,6 +28,7 @@ store's id).
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -48,6 +49,7 @@ from pipeline.encode_tasks import WRITE_FAILED, encode_pixels, read_shard, rows_
 from pipeline.preprocess import DEFAULT_MAX_PIXELS
 from pipeline.sources import Source, open_source, storage_order
 from pipeline.store import DEFAULT_SAMPLES_PER_SHARD, StoreLayout, StorePlan, StoreWriter
+from pipeline.store.layout import DEFAULT_COMPRESSOR
 from schemas.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -69,14 +71,14 @@ class EncodeConfig:
     encoder: str = "dinov2"  # dinov2 | siglip2 (alias siglip) | mae
     data: str | None = None  # ImageFolder or Parquet URI; None: the built-in sample data
     out: str = "out/stores"  # root; the store goes to <out>/<plan.default_name()>
-    weights: str = "hub"  # "hub" | path or URI of a weights file | "random"
+    weights: str = "hub"  # "hub" | path or URI of a weights file or save_pretrained folder | "random"
     weights_seed: int = 0  # seed of weights="random"
     split: str = "train"
     resolution: int = 256  # ADM crop size (256 or 512)
     class_index: str | None = None  # file fixing the class -> label mapping (subsets of ImageNet)
     # store layout (StoreLayout)
     dtype: str = "float16"  # float16 | float32 | bfloat16 (stored as uint16 bit patterns)
-    compressor: str = "zstd"  # zstd | none
+    compressor: str = DEFAULT_COMPRESSOR  # blosc-zstd | blosc-lz4 | zstd | none (schemas.store_v1.COMPRESSORS)
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
     samples_per_chunk: int | None = None  # None: about 4 MB per chunk
     flips: bool = True  # also store the latents of the horizontally flipped images
@@ -89,6 +91,11 @@ class EncodeConfig:
     actor_cpus: float | None = None  # Ray CPUs each actor reserves; None: its threads, leaving 1 CPU free
     read_tasks: int | None = None  # concurrent read/decode tasks; None: as many as Ray schedules
     max_task_retries: int = 3  # retries of a shard whose actor died (actors are always replaced)
+    # Custom Ray resources (as nodes advertise them: `ray start --resources '{"encode_io": 8}'`) that each
+    # read/write task, and each encoder actor, asks for besides its CPUs/GPU: they keep the job's work on
+    # the nodes that offer them and cap how much of it runs on each. None: any node with the CPUs/GPU.
+    task_resources: dict | None = None
+    actor_resources: dict | None = None
     ray_address: str | None = None  # existing cluster; None: reuse an initialized Ray or start one
     storage_options: dict | None = None  # fsspec options for data, weights and out (e.g. S3 endpoint)
     progress: bool = True  # progress bar on stderr
@@ -222,17 +229,19 @@ def _data_uri(cfg: EncodeConfig) -> str:
 def plan_encode(cfg: EncodeConfig, *, encoder=None, weights_info: dict | None = None) -> tuple[EncodeJob, Any]:
     """Everything known before encoding, and the encoder built for it.
 
-    The encoder comes first so that unavailable weights (hub offline, a wrong file) fail at once,
-    before the source is listed. Returns (job, encoder); pass ``encoder``/``weights_info`` to
+    The options, the data's location and the output location are checked first (one short probe
+    each: a wrong ``data`` path, an unwritable ``out``, missing credentials or a dead endpoint fail
+    in seconds); then the encoder is built, so that unavailable weights (hub offline, a wrong file)
+    fail before the source is listed. Returns (job, encoder); pass ``encoder``/``weights_info`` to
     reuse an encoder already built with the same settings.
     """
     from pipeline.encoders import latent_shape, resolve_encoder_name
 
     name = resolve_encoder_name(cfg.encoder)
     _check_options(cfg)
+    data = _check_locations(cfg)
     if encoder is None or weights_info is None:
         encoder, weights_info = build_configured_encoder(dataclasses.replace(cfg, encoder=name))
-    data = _data_uri(cfg)
     source = open_source(data, cfg.split, cfg.class_index, cfg.storage_options)
     unlabelled = sum(1 for it in source.items if it.label < 0)
     if unlabelled:
@@ -271,6 +280,29 @@ def _check_options(cfg: EncodeConfig) -> None:
         if value is not None and value < 1:
             raise ValueError(f"{key} must be >= 1 (or unset), got {value}")
     _layout(cfg).resolved((1, 1, 1))  # dtype, compressor, chunking
+    for key in ("task_resources", "actor_resources"):
+        _custom_resources(getattr(cfg, key), key)
+    given = sorted(set(cfg.storage_options or {}) & set(U.CREDENTIAL_OPTIONS)
+                   | set((cfg.storage_options or {}).get("client_kwargs") or {}) & set(U.CREDENTIAL_CLIENT_OPTIONS))
+    if given:
+        raise EncodeError(
+            f"storage_options hold credentials ({', '.join(given)}): they would travel to the Ray workers in task "
+            "arguments. Give credentials the way AWS clients find them (environment variables, an AWS profile or "
+            "config file, an instance role): see 'Multi-node' in the README"
+        )
+
+
+def _check_locations(cfg: EncodeConfig) -> str:
+    """The data's URI, after one short probe of it and of the output location (before the encoder is
+    built, before Ray starts): a missing data path is a SourceError, an output location that cannot be
+    written or reached (a file in the way, permissions, credentials, endpoint) a StorageError naming it."""
+    from pipeline.sources import SourceError
+
+    data = _data_uri(cfg)
+    if not U.check_location(data, cfg.storage_options):
+        raise SourceError(f"no such folder or file: {data} (the data to encode)")
+    U.check_location(cfg.out, cfg.storage_options, write=True)
+    return data
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,10 +382,25 @@ def ray_session(address: str | None) -> Iterator[bool]:
             ray.shutdown()
 
 
-def worker_env() -> dict[str, str]:
-    """Environment the workers need from the driver: the AWS variables (credentials, region,
-    endpoint) that botocore reads itself. Sent with each operation's runtime_env, never set here."""
-    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("AWS_")}
+def worker_storage_options(uri: str, storage_options: dict | None) -> dict | None:
+    """The fsspec options the Ray workers get for ``uri`` (the data or the output).
+
+    Never a credential: nothing secret goes into runtime_env, task arguments or the object store
+    (Ray writes those into its session logs). Workers find credentials the way AWS clients do: on a
+    local Ray started by the job, the environment they inherit from the driver; on an existing
+    cluster, their own environment, AWS config files or instance role. One non-secret setting
+    travels for ``s3://`` URIs: the endpoint the driver uses (``AWS_ENDPOINT_URL_S3`` or
+    ``AWS_ENDPOINT_URL``, unless the options name one), because the workers must write the very
+    storage the driver planned against and will finalize, not whatever endpoint their own
+    configuration names.
+    """
+    options = dict(storage_options or {})
+    if U.is_local(uri) or not str(uri).startswith(("s3://", "s3a://")):
+        return options or None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint and not options.get("endpoint_url") and not (options.get("client_kwargs") or {}).get("endpoint_url"):
+        options["endpoint_url"] = endpoint
+    return options or None
 
 
 @dataclass
@@ -385,22 +432,41 @@ def _resources(cfg: EncodeConfig) -> _Resources:
     return _Resources(num_actors, threads, round(actor_cpus, 4), 1 if gpus else 0)
 
 
+def _custom_resources(resources: dict | None, key: str = "resources") -> dict:
+    """Ray remote arguments asking for ``resources`` (custom resource name -> amount per task/actor)."""
+    if not resources:
+        return {}
+    if not isinstance(resources, dict):
+        raise EncodeError(f"{key} must map custom Ray resource names to amounts, got {resources!r}")
+    bad = {k: v for k, v in resources.items()
+           if k in ("CPU", "GPU", "memory", "object_store_memory") or isinstance(v, bool)
+           or not isinstance(v, (int, float)) or not v > 0}
+    if bad:
+        raise EncodeError(f"{key} {bad}: give positive amounts of custom resources (CPUs and GPUs are set by "
+                          "actor_cpus, threads and num_actors)")
+    return {"resources": {str(k): float(v) for k, v in resources.items()}}
+
+
 def _weights_for_workers(encoder) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().contiguous().numpy() for k, v in encoder.state_dict().items()}
 
 
-def _run_pipeline(job: EncodeJob, encoder, pending: list[int], on_shard) -> dict:
+def _run_pipeline(job: EncodeJob, encoder, pending: list[int], on_shard, actor_cls: type | None = None) -> dict:
     """Read -> encode -> write the pending shards with Ray Data; ``on_shard(counts)`` per shard
-    written (in completion order). Returns facts about the execution for the run log."""
+    written (in completion order). Returns facts about the execution for the run log.
+    ``actor_cls``: the encode step's actor (default :class:`ShardEncoder`; the scale bench plugs
+    in a stand-in of no cost with the same constructor and call)."""
     import ray
     import ray.data
 
     cfg = job.config
     res = _resources(cfg)
-    runtime_env = {"env_vars": worker_env()} if worker_env() else None
-    extra = {"runtime_env": runtime_env} if runtime_env else {}
     weights_ref = ray.put(_weights_for_workers(encoder))
-    actor_cfg = dataclasses.asdict(dataclasses.replace(cfg, encoder=job.encoder_name))
+    # The actor builds the encoder from the config: it needs no storage options (nor any credential).
+    actor_cfg = dataclasses.asdict(dataclasses.replace(cfg, encoder=job.encoder_name, storage_options=None))
+    source = dataclasses.replace(  # items travel with each shard
+        job.source, items=[], storage_options=worker_storage_options(job.source.uri, job.source.storage_options))
+    writer = StoreWriter(job.uri, job.plan, worker_storage_options(job.uri, cfg.storage_options))
 
     ctx = ray.data.DataContext.get_current()
     saved = ctx.enable_progress_bars, ctx.retried_map_errors, ctx.max_map_retries
@@ -412,13 +478,9 @@ def _run_pipeline(job: EncodeJob, encoder, pending: list[int], on_shard) -> dict
         ds = ray.data.from_items([shard_descriptor(job, s) for s in pending], override_num_blocks=len(pending))
         ds = ds.map(
             read_shard,
-            fn_kwargs={
-                "source": dataclasses.replace(job.source, items=[]),  # items travel with each shard
-                "resolution": cfg.resolution,
-                "max_pixels": cfg.max_pixels,
-            },
+            fn_kwargs={"source": source, "resolution": cfg.resolution, "max_pixels": cfg.max_pixels},
             concurrency=cfg.read_tasks,
-            **extra,
+            **_custom_resources(cfg.task_resources),
         )
         with warnings.catch_warnings():
             # Ray 2.60 deprecates passing actor options (max_restarts...) this way but offers no
@@ -426,7 +488,7 @@ def _run_pipeline(job: EncodeJob, encoder, pending: list[int], on_shard) -> dict
             # actor forever.
             warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
             ds = ds.map_batches(
-                ShardEncoder,
+                actor_cls or ShardEncoder,
                 batch_size=1,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=res.num_actors),
@@ -441,9 +503,9 @@ def _run_pipeline(job: EncodeJob, encoder, pending: list[int], on_shard) -> dict
                 num_gpus=res.actor_gpus,
                 # Dead actors are always replaced; a shard is retried on the new actor a few times.
                 ray_remote_args_fn=functools.partial(dict, max_restarts=-1, max_task_retries=cfg.max_task_retries),
-                **extra,
+                **_custom_resources(cfg.actor_resources),
             )
-        ds = ds.map(write_shard_row, fn_kwargs={"writer": job.writer}, **extra)
+        ds = ds.map(write_shard_row, fn_kwargs={"writer": writer}, **_custom_resources(cfg.task_resources))
         for counts in ds.iter_rows():
             on_shard(counts)
     finally:
@@ -543,7 +605,7 @@ class _Tally:
         return sum(c["images"] for c in self.counts)
 
 
-def _encode_pending(job: EncodeJob, encoder, pending: list[int], images: int) -> _Tally:
+def _encode_pending(job: EncodeJob, encoder, pending: list[int], images: int, actor_cls: type | None = None) -> _Tally:
     """Run the Ray pipeline over the pending shards with a progress display (nothing if none)."""
     tally = _Tally()
     if not pending:
@@ -559,7 +621,7 @@ def _encode_pending(job: EncodeJob, encoder, pending: list[int], images: int) ->
     start = time.time()
     try:
         with ray_session(job.config.ray_address):
-            tally.execution = _run_pipeline(job, encoder, pending, on_shard)
+            tally.execution = _run_pipeline(job, encoder, pending, on_shard, actor_cls)
     finally:
         progress.close()
     tally.seconds = time.time() - start
@@ -570,6 +632,9 @@ def _encode_pending(job: EncodeJob, encoder, pending: list[int], images: int) ->
         later = tally.images - tally.counts[first]["images"]
         tally.execution["steady_images_per_s"] = later / max(tally.done_at[last] - tally.done_at[first], 1e-9)
         tally.execution["first_shard_s"] = tally.done_at[first] - start
+    # Which Ray node wrote how many shards (each shard's record names its node).
+    by_node = collections.Counter(c.get("node") or "?" for c in tally.counts)
+    tally.execution["shards_by_node"] = dict(sorted(by_node.items()))
     return tally
 
 
@@ -674,5 +739,5 @@ __all__ = [
     "encoder_forward_throughput",
     "plan_encode",
     "shard_descriptor",
-    "worker_env",
+    "worker_storage_options",
 ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
+import sys
 import time
 from typing import Iterator
 
@@ -164,13 +166,25 @@ def rows_with_holes(x: np.ndarray | None, ok: np.ndarray, encoder, logical_dtype
 WRITE_FAILED = "writing shard"  # how a failed shard write starts its message (Ray Data retries those)
 
 
+def this_node() -> dict | None:
+    """The Ray node this process runs on, ``{"node_id", "node_ip", "hostname"}`` (the node id tells
+    apart nodes that share a host); None outside Ray (nothing imported or initialized it)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return None
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address(),
+            "hostname": socket.gethostname()}
+
+
 def write_shard_row(row: dict, *, writer: StoreWriter) -> dict:
-    """Write one encoded shard through the store writer; returns its counts for the driver."""
+    """Write one encoded shard through the store writer; returns its counts for the driver. The
+    shard's record names the Ray node that wrote it (``written_by``)."""
     meta = json.loads(row["meta"])
     dtype = writer.plan.layout.dtype
     ok = np.asarray(row["ok"], dtype=bool)
     flip = from_stored(row["latents_flip"], dtype) if writer.plan.layout.flips else None
     shard = int(row["shard"])
+    node = this_node()
     try:
         record = writer.write_shard(
             shard,
@@ -181,6 +195,7 @@ def write_shard_row(row: dict, *, writer: StoreWriter) -> dict:
             sample_ids=np.asarray(meta["ids"], dtype=np.int64),
             samples=meta["samples"],
             failures=meta["failures"],
+            written_by=node,
         )
     except StoreError:
         raise
@@ -189,7 +204,7 @@ def write_shard_row(row: dict, *, writer: StoreWriter) -> dict:
     # The wall time the record landed: Ray Data hands results to the driver in batches, so the
     # driver's arrival times understate the first shard and overstate the steady-state rate.
     return {"shard": shard, "images": len(ok), "num_valid": record["num_valid"],
-            "num_failed": record["num_failed"], "written_at": time.time()}
+            "num_failed": record["num_failed"], "written_at": time.time(), "node": node["node_id"] if node else ""}
 
 
 __all__ = [
@@ -199,5 +214,6 @@ __all__ = [
     "read_shard",
     "read_shard_images",
     "rows_with_holes",
+    "this_node",
     "write_shard_row",
 ]

@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import uri as uri_lib
-from pipeline.weights import WeightsFileError, read_state_dict
+from pipeline.pretrained import is_pretrained_folder, read_pretrained_folder
+from pipeline.weights import TORCH_SUFFIXES, WeightsFileError, read_state_dict
 from schemas.errors import UserError
 
 ENCODER_NAMES: tuple[str, ...] = ("dinov2", "siglip2", "mae")
@@ -540,6 +541,65 @@ def detect_layout(sd: dict[str, torch.Tensor]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# The config.json of a save_pretrained folder
+# ---------------------------------------------------------------------------------------------
+
+# transformers' model_type of each encoder's checkpoint (a whole SigLIP model keeps the vision
+# tower's fields under vision_config), and the fields beyond those of EncoderSpec that fix its function.
+_HF_MODEL_TYPES = {
+    "dinov2": ("dinov2_with_registers",),
+    "siglip2": ("siglip_vision_model", "siglip"),
+    "mae": ("vit_mae",),
+}
+_HF_CONFIG_EXTRA: dict[str, dict[str, Any]] = {
+    "dinov2": {"num_register_tokens": 4, "mlp_ratio": 4, "hidden_act": "gelu", "use_swiglu_ffn": False},
+    "siglip2": {"intermediate_size": 3072, "hidden_act": "gelu_pytorch_tanh"},
+    "mae": {"intermediate_size": 3072, "hidden_act": "gelu", "qkv_bias": True},
+}
+
+
+def expected_hf_config(name: str, depth: int | None = None) -> dict[str, Any]:
+    """The transformers config fields of encoder ``name`` (``depth`` blocks; None: the real depth)."""
+    spec = ENCODERS[resolve_encoder_name(name)]
+    return {"hidden_size": spec.hidden_size, "patch_size": spec.patch_size, "image_size": spec.pretrained_input_size,
+            "num_hidden_layers": spec.depth if depth is None else int(depth), "num_attention_heads": spec.num_heads,
+            "layer_norm_eps": spec.layer_norm_eps, "num_channels": 3, **_HF_CONFIG_EXTRA[spec.name]}
+
+
+def _same_value(got: Any, want: Any) -> bool:
+    if isinstance(want, bool) or isinstance(got, bool):
+        return got is want
+    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
+        return math.isclose(got, want, rel_tol=1e-9, abs_tol=0.0)
+    return got == want
+
+
+def check_hf_config(name: str, config: dict, source: str, depth: int | None = None) -> None:
+    """EncoderWeightsError naming every field of a ``save_pretrained`` config.json (transformers
+    layout: ``model_type``, ``hidden_size``, ``patch_size``, ``image_size``, ``num_register_tokens``
+    ...; or timm's: ``architecture``) that contradicts encoder ``name`` with ``depth`` blocks. A
+    field the file leaves out is not checked: the weights' shapes are, when they load."""
+    spec = ENCODERS[resolve_encoder_name(name)]
+    what = f"the {spec.name} encoder ({spec.hf_repo}{f', {depth} blocks' if depth is not None else ''})"
+    if "model_type" not in config and "architecture" in config:  # a timm folder (push_to_hub)
+        if config["architecture"] != spec.timm_arch:
+            raise EncoderWeightsError(f"{source}: architecture is {config['architecture']!r}; {what} is timm's "
+                                      f"{spec.timm_arch!r}")
+        return
+    model_type, where = config.get("model_type"), ""
+    if model_type not in _HF_MODEL_TYPES[spec.name]:
+        raise EncoderWeightsError(f"{source}: model_type is {model_type!r}; {what} has model_type "
+                                  f"{' or '.join(repr(t) for t in _HF_MODEL_TYPES[spec.name])}")
+    if model_type == "siglip":
+        config, where = config.get("vision_config") or {}, "vision_config."
+    wrong = [f"{where}{key} is {config[key]!r}, expected {want!r}"
+             for key, want in expected_hf_config(spec.name, depth).items()
+             if key in config and not _same_value(config[key], want)]
+    if wrong:
+        raise EncoderWeightsError(f"{source}: does not describe {what}: " + "; ".join(wrong))
+
+
+# ---------------------------------------------------------------------------------------------
 # Reading weights
 # ---------------------------------------------------------------------------------------------
 
@@ -619,7 +679,9 @@ def build_encoder(name: str, resolution: int = BASE_RESOLUTION, weights: str = "
     """The frozen encoder (eval mode, no grads, on CPU) and a description of its weights.
 
     ``weights``: ``"hub"`` (the reference's Hugging Face repository, converted), a local path or
-    fsspec URI of a weights file in timm or transformers layout, or ``"random"`` (init seeded by
+    fsspec URI of a weights file in timm or transformers layout, a folder ``save_pretrained`` wrote
+    (``config.json`` + ``model.safetensors``, or shards with ``model.safetensors.index.json``; its
+    config is checked against the encoder: :func:`check_hf_config`), or ``"random"`` (init seeded by
     ``seed``). The info dict: ``{"source": "hub"|"file"|"random", "ref": repo id / file URI /
     "seed=N", "layout": "timm"|"hf"|None, "sha256": state_dict_checksum of the loaded timm-layout
     weights, "seed": int|None}``. ``depth`` (fewer blocks than the real model) is for fast tests
@@ -639,7 +701,14 @@ def build_encoder(name: str, resolution: int = BASE_RESOLUTION, weights: str = "
             info = {"source": "file", "ref": uri_lib.normalize(weights), "seed": None}
         # Whole SigLIP checkpoints carry a text tower as big as the vision one: not read.
         try:
-            sd = read_state_dict(path, skip_prefixes=("text_model.",))
+            if weights != "hub" and is_pretrained_folder(path):
+                _, sd, _ = read_pretrained_folder(
+                    path, skip_prefixes=("text_model.",),
+                    check_config=lambda config, where: check_hf_config(name, config, where, depth=depth))
+            elif not str(path).lower().endswith((".safetensors", *TORCH_SUFFIXES)) and not uri_lib.exists(path):
+                raise FileNotFoundError(path)
+            else:
+                sd = read_state_dict(path, skip_prefixes=("text_model.",))
         except FileNotFoundError:
             raise FileNotFoundError(f"encoder weights file not found: {weights}") from None
         except WeightsFileError as e:
@@ -656,7 +725,8 @@ def build_encoder(name: str, resolution: int = BASE_RESOLUTION, weights: str = "
 
 __all__ = [
     "ALIASES", "ENCODERS", "ENCODER_NAMES", "EncoderSpec", "EncoderWeightsError", "HubWeightsUnavailableError",
-    "RAEEncoder", "build_encoder", "convert_hf_state_dict", "detect_layout", "encoder_input_size",
+    "RAEEncoder", "build_encoder", "check_hf_config", "convert_hf_state_dict", "detect_layout", "encoder_input_size",
+    "expected_hf_config",
     "fetch_hub_weights", "latent_shape", "resize_pos_embed", "resolve_encoder_name",
     "state_dict_checksum",
 ]

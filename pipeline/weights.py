@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from typing import Any
 
 import torch
@@ -34,7 +35,9 @@ def parse_tensor_file(data: bytes, uri: str) -> Any:
         except (SafetensorError, ValueError) as e:
             raise WeightsFileError(f"{uri}: not a readable safetensors file ({e})") from e
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a refused pickle is reported below, as one line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise WeightsFileError(

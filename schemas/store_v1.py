@@ -35,13 +35,24 @@ Rules every writer keeps and every reader may rely on:
 - **Completion records.** ``records/shard-%06d.json`` lists the shard's objects with the sha256 of
   their bytes, a content hash over them, its counts, its failures and the source reference of every
   row (URI, or Parquet file + row; the file's size; sha256 of the image bytes; label). A shard
-  without a record is not written, whatever objects exist.
+  without a record is not written, whatever objects exist. A record written by a Ray task also
+  names the node that wrote it: ``written_by`` = ``{"node_id", "node_ip", "hostname"}`` (optional;
+  stores written before it, and stores written outside Ray, have none).
 - **Dtypes.** Latents are stored as float16 (default), float32, or bfloat16 bit patterns in uint16
   (``latent.storage_dtype == "uint16"``, ``latent.logical_dtype == "bfloat16"``; decode by shifting
   the 16 bits into the high half of a float32).
+- **Codecs.** The latent arrays' inner chunks are compressed by ``layout.compressor.name``: one of
+  :data:`COMPRESSORS`. ``blosc-lz4`` / ``blosc-zstd`` are Zarr v3's ``blosc`` codec (cname lz4 /
+  zstd, byte shuffle with typesize = the storage dtype's item size; the spec then also states
+  ``compressor.clevel``, ``.shuffle`` and ``.blocksize``); ``zstd`` is Zarr's ``zstd`` codec at
+  ``compressor.level``; ``none`` stores the bytes as they are. ``compressor.level`` is also the
+  zstd level of the small 1-D arrays, whatever the latents' codec. Specs without ``clevel`` (every
+  store written before blosc existed) are zstd or none stores and stay valid.
 - **Completeness.** ``spec.json`` is written after all records and the statistics, and ``COMPLETE``
   after it. A store without ``COMPLETE`` is never read as complete. Nothing time- or host-dependent
-  goes in the store, so the same inputs on the same software give byte-identical stores.
+  goes in the store but the records' ``written_by`` (provenance, outside every object hash and the
+  spec), so the same inputs on the same software give byte-identical stores once that field is set
+  aside: every object but the records byte for byte, and the records without ``written_by``.
 - **Identity.** ``store_id`` is the sha256 (first 20 hex digits) of the canonical JSON of
   ``id_inputs``: everything known before encoding that determines the content (encoder and weights
   checksum, preprocessing, layout options, split, dataset fingerprint from the source listing).
@@ -63,6 +74,7 @@ VERSION = 1
 SPEC_FILE = "spec.json"
 COMPLETE_MARKER = "COMPLETE"
 RECORDS_DIR = "records"
+RECORD_WRITTEN_BY = "written_by"  # the record's provenance key: which node wrote the shard (not content)
 LATENTS = "latents"
 LATENTS_FLIP = "latents_flip"
 LABELS = "labels"
@@ -78,7 +90,11 @@ STATS_EPS = 1e-5
 
 LOGICAL_DTYPES = ("float16", "float32", "bfloat16")
 STORAGE_DTYPE = {"float16": "float16", "float32": "float32", "bfloat16": "uint16"}
-COMPRESSORS = ("zstd", "none")
+# Codecs of the latent arrays. blosc-*: Zarr's blosc codec with byte shuffle (the exponent bytes of
+# floats grouped together, where an entropy coder finds their redundancy); cname per name below.
+COMPRESSORS = ("blosc-zstd", "blosc-lz4", "zstd", "none")
+BLOSC_CNAME = {"blosc-zstd": "zstd", "blosc-lz4": "lz4"}
+BLOSC_SHUFFLE = "shuffle"
 
 
 class StoreSpecError(UserError, ValueError):

@@ -85,8 +85,12 @@ def s3_endpoint():
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance on loopback for the whole session; yields its GCS address."""
+def ray_local(s3_endpoint):
+    """One local Ray instance on loopback for the whole session; yields its GCS address.
+
+    Started once the moto server's AWS_* variables are set: its workers inherit them, as workers
+    inherit credentials from their node's environment on a real cluster (the encode job sends none).
+    """
     import ray
 
     if not ray.is_initialized():

@@ -115,7 +115,7 @@ def _tracked_text_files() -> list[str]:
             or os.path.basename(f) in ("Makefile", "run")]
 
 
-# A document cited by a path that leaves the repository: ../x.md, ../shared/..., or an absolute
+# A document cited by a path that leaves the repository: a parent-relative .md path, the team folder up one level, or an absolute
 # path under a home or work folder. Data paths in examples (/data/imagenet, s3://...) are fine.
 _OUTSIDE = re.compile(r"(?:\.\./)+[\w./-]*\.(?:md|rst|txt|pdf)\b|\.\./shared\b|(?<![\w:/.])/(?:work|home|root|Users)/[\w./-]+")
 

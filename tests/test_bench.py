@@ -129,6 +129,25 @@ def test_raw_read_counts_every_byte_of_a_stores_latent_objects(tmp_path):
     assert nbytes == expected == sum(size for _, size in objects) and seconds > 0
 
 
+def test_loader_efficiency_denominator_reads_the_uncompressed_float16_latents(tmp_path):
+    from bench.bench import ensure_loader_data
+    from bench.common import BenchContext, BenchOptions
+    from pipeline.store import LatentStore
+
+    data = ensure_loader_data(BenchContext(BenchOptions(quick=True, work_dir=str(tmp_path)), log=lambda _: None))
+    store = LatentStore.open(data.store_uri)
+    assert store.spec["layout"]["compressor"]["name"] != "none"  # the store compresses...
+    assert data.raw_bytes_per_sample == int(np.prod(data.latent_shape)) * 2
+    nbytes, _ = raw_read(ObjectReader(data.raw_dir), data.raw_keys)
+    # ...the raw side reads every latent of both orientations once, as float16 bytes: the same
+    # samples per byte whatever the store's codec.
+    assert nbytes == 2 * data.num_samples * data.raw_bytes_per_sample > data.latent_bytes
+    stored = [np.concatenate([store.read_chunk_stored(c, a) for c in range(store.num_chunks)])
+              for a in ("latents", "latents_flip")]
+    raw = b"".join(ObjectReader(data.raw_dir).read(k) for k in data.raw_keys)
+    assert raw == b"".join(x.astype(np.float16).tobytes() for x in stored)
+
+
 # --------------------------------------------------------------------------------------------
 # peer layouts
 
@@ -220,8 +239,9 @@ def test_quick_storage_run_writes_every_option_with_its_error(tmp_path, sample_d
             "command", "contrast_random_normal_bytes_over_float32"} <= set(res)
     assert res["quick"] is True and res["device"] == "cpu" and "DINOv2" in res["data"]
     rows = {(r["dtype"], r["compressor"]): r for r in res["options"]}
-    assert set(rows) == {(d, c) for d in ("float16", "float32", "bfloat16") for c in ("zstd", "none")}
-    assert len(res["figures"]) == 6
+    compressors = ("blosc-zstd", "blosc-lz4", "zstd", "none")
+    assert set(rows) == {(d, c) for d in ("float16", "float32", "bfloat16") for c in compressors}
+    assert len(res["figures"]) == 12
     f32 = res["settings"]["float32_bytes_per_sample"]
     for (dtype, comp), r in rows.items():
         assert {"bytes_per_sample", "store_bytes_per_sample", "max_abs_error_over_std", "rms_error_over_std"} <= set(r)
@@ -232,8 +252,10 @@ def test_quick_storage_run_writes_every_option_with_its_error(tmp_path, sample_d
     assert rows[("float32", "zstd")]["max_abs_error_over_std"] == 0
     f16, bf16 = rows[("float16", "zstd")], rows[("bfloat16", "zstd")]
     assert 0 < f16["max_abs_error_over_std"] < bf16["max_abs_error_over_std"] < 0.05
-    for dtype in ("float16", "float32", "bfloat16"):  # zstd is lossless
-        assert rows[(dtype, "zstd")]["max_abs_error_over_std"] == rows[(dtype, "none")]["max_abs_error_over_std"]
+    for dtype in ("float16", "float32", "bfloat16"):  # every compressor is lossless
+        for comp in compressors:
+            assert rows[(dtype, comp)]["max_abs_error_over_std"] == rows[(dtype, "none")]["max_abs_error_over_std"]
+            assert rows[(dtype, comp)]["codec"]["name"] == comp
 
 
 # --------------------------------------------------------------------------------------------

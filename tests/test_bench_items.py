@@ -4,7 +4,13 @@ trainer's metrics log read back into a time-weighted data-wait fraction, and the
 dataset giving exactly the encode job's crop."""
 from __future__ import annotations
 
+import http.client
 import os
+import threading
+import time
+import urllib.error
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -172,3 +178,98 @@ def test_reference_batches_encode_every_batch_in_this_process(sample_root):
         x, y = next(batches)
         assert x.shape == (2, 768, 16, 16) and y.tolist() == [labels[3]] * 2
         torch.testing.assert_close(x, torch.stack([want, want]), atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# loader_latency: the latency proxy and the throughput budget
+
+
+class _Objects(BaseHTTPRequestHandler):
+    """A tiny upstream: GET /<n> answers n bytes."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = b"x" * int(self.path.strip("/"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def objects_upstream():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Objects)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def _timed_get(url: str, size: int) -> float:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        t0 = time.perf_counter()
+        conn.request("GET", f"/{size}")
+        resp = conn.getresponse()
+        assert resp.status == 200 and len(resp.read()) == size
+        return time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(60)
+def test_latency_proxy_injects_the_delay_it_claims(objects_upstream):
+    from bench.faultproxy import FaultProxy, Latency
+
+    delay = 0.4
+    with FaultProxy(objects_upstream, latency=Latency(delay_ms=delay * 1000)) as proxy:
+        assert delay <= _timed_get(proxy.url, 1000) < delay + 0.3
+        # Requests on separate connections wait at the same time, as on an object store.
+        with ThreadPoolExecutor(4) as pool:
+            t0 = time.perf_counter()
+            times = list(pool.map(lambda _: _timed_get(proxy.url, 1000), range(4)))
+            wall = time.perf_counter() - t0
+        assert min(times) >= delay and wall < 2 * delay, (times, wall)
+        stats = proxy.stats()
+        assert stats["in_flight"]["peak"] == 4 and stats["in_flight"]["now"] == 0
+        assert stats["latency"] == {"delay_ms": delay * 1000, "bytes_per_s": None}
+        assert stats["by_method"] == {"GET": 5} and stats["bytes_sent"] == 5000
+        # Between snapshots the in-flight integral is request-seconds: 5 requests of >= 0.4 s.
+        assert stats["in_flight"]["request_seconds"] >= 5 * delay
+        # A per-connection cap: 1 MB at 4 MB/s takes >= 0.25 s; no delay, no cap: at once.
+        proxy.set_latency(0, bytes_per_s=4e6)
+        assert 0.25 <= _timed_get(proxy.url, 1_000_000) < 0.25 + 0.4
+        proxy.set_latency(0)
+        assert _timed_get(proxy.url, 1_000_000) < 0.2
+        assert proxy.stats()["in_flight"]["peak"] == 1  # restarted when the latency was set
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            proxy._control("latency", {"delay_ms": -1})
+
+
+def test_dit_flops_formula_counts_what_torch_counts():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.bench_stream import dit_flops_per_sample, throughput_budget
+    from trainer.models.dit import DiTConfig, build_model
+
+    cfg = DiTConfig(in_channels=12, input_size=4, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                    head_hidden_size=48, head_depth=1, head_num_heads=2, num_time_freqs=8, num_classes=10)
+    with torch.device("meta"):  # on the meta device torch counts attention too (not CPU's flash kernel)
+        model = build_model(cfg).eval()
+        x, t, y = torch.randn(3, 12, 4, 4), torch.rand(3), torch.tensor([1, 2, 3])
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, y)
+    assert dit_flops_per_sample(cfg)["forward_flops"] * 3 == counter.get_total_flops()  # batch of 3
+    budget = throughput_budget(8, delay_s=0.05, time_per_get_s=0.03, delivered_per_rank=300.0)
+    assert budget["forward_flops_per_sample"] == 323_157_393_408  # DiT^DH-XL, 256 tokens: torch's count too
+    bf16 = budget["per_precision"]["bf16"]
+    rate = 0.4 * 989e12 / (3 * 323_157_393_408)
+    assert bf16["samples_per_s_per_gpu"] == pytest.approx(rate, abs=0.1)
+    assert bf16["gets_in_flight_per_rank"] == pytest.approx(rate / 8 * 0.08, abs=0.01)
+    assert budget["per_precision"]["tf32"]["samples_per_s_per_node"] == round(8 * 0.4 * 495e12 / (3 * 323_157_393_408))

@@ -56,3 +56,22 @@ def test_round_trip_and_presets():
     assert resolve_preset(presets, "b", ["steps=4"]).steps == 4
     with pytest.raises(ConfigError, match="known presets: a, b"):
         resolve_preset(presets, "c")
+
+
+@dataclass
+class Keep:
+    epochs: list[int] = field(default_factory=list)
+
+
+def test_list_values_from_the_command_line():
+    """`--set train.keep_epochs=[14]` and its spellings: a JSON list, one value, or a comma list."""
+    assert apply_overrides(Keep(), ["epochs=[14]"]).epochs == [14]
+    assert apply_overrides(Keep(), ["epochs=[14, 28]"]).epochs == [14, 28]
+    assert apply_overrides(Keep(), ["epochs=14"]).epochs == [14]
+    assert apply_overrides(Keep(), ["epochs=14,28"]).epochs == [14, 28]
+    assert apply_overrides(Keep([3]), ["epochs=[]"]).epochs == []
+    assert from_dict(Keep, to_dict(Keep([14]))) == Keep([14])
+    with pytest.raises(ConfigError, match="epochs: expected an integer"):
+        apply_overrides(Keep(), ["epochs=[1.5]"])
+    with pytest.raises(ConfigError, match="epochs: cannot parse"):
+        apply_overrides(Keep(), ["epochs=[a]"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 
 import numpy as np
@@ -346,7 +347,7 @@ def test_bad_stat_files_name_the_file_and_key(random_store, tmp_path):
 def test_clear_errors(flip_store, tmp_path):
     with pytest.raises(ValueError, match="global_batch 6 is not divisible by the world size 4"):
         _loader(flip_store, batch=6, streams=4, world=4)
-    with pytest.raises(ValueError, match="global_batch 6 is not divisible by loader.num_streams 4"):
+    with pytest.raises(ValueError, match="global_batch 6 is not divisible by data.num_streams 4"):
         _loader(flip_store, batch=6, streams=4, world=2)
     with pytest.raises(ValueError, match="num_streams 3 is not a multiple of the world size 2"):
         _loader(flip_store, batch=6, streams=3, world=2)
@@ -388,6 +389,84 @@ def test_streams_from_s3_with_workers(s3_endpoint):
     ld.close()
     _check_rows(x, y)
     assert sorted(y.tolist()) == np.flatnonzero(valid).tolist()
+
+
+def _s3_rows_store(n: int, dtype: str, shard: int, chunk: int, invalid=(), compressor="zstd") -> tuple[str, np.ndarray]:
+    valid = np.ones(n, dtype=bool)
+    valid[list(invalid)] = False
+    uri = f"s3://test-bucket/data-{uuid.uuid4().hex[:8]}/store"
+    write_array_store(uri, _row_latents(n), np.arange(n), latents_flip=-_row_latents(n), valid=valid, num_classes=n,
+                      layout=StoreLayout(dtype=dtype, samples_per_shard=shard, samples_per_chunk=chunk,
+                                         compressor=compressor))
+    return uri, valid
+
+
+@pytest.mark.timeout(120)
+def test_concurrent_reads_give_the_sequential_batches_and_state(s3_endpoint):
+    """Groups of range GETs in flight at once, decoded as their bytes arrive, serve exactly the batches
+    and positions of one blocking GET at a time: in workers, then resumed in-process."""
+    # 36 rows in 12 chunks of 3 (2 shards), chunk 5 wholly invalid: V = 31
+    uri, valid = _s3_rows_store(36, "float16", 18, 3, invalid=(4, 15, 16, 17, 29))
+    steps, cut = int(valid.sum()) // 6 + 3, 4  # past the end of the first epoch
+    seq = _loader(uri, batch=6, streams=2, block=4, read_ahead_bytes=0)  # one chunk per read, in-process
+    assert seq.reads_per_group == 1
+    want = _take(seq, steps)
+    for x, y in want:
+        _check_rows(x, y)
+    first = _loader(uri, batch=6, streams=2, block=4, workers=2)
+    assert first.reads_per_group == 4  # tiny chunks: a whole unit's GETs at once
+    head = _take(first, cut)
+    state = json.loads(json.dumps(first.state_dict()))
+    first.close()
+    resumed = _loader(uri, batch=6, streams=2, block=4, workers=0)
+    assert resumed.reads_per_group == 4
+    resumed.load_state_dict(state)
+    tail = _take(resumed, steps - cut)
+    for (xa, ya), (xb, yb) in zip(want, head + tail):
+        assert torch.equal(ya, yb) and torch.equal(xa, xb)
+    assert resumed.state_dict() == seq.state_dict()
+
+
+@pytest.mark.timeout(120)
+def test_a_group_of_chunk_reads_costs_one_request_latency(s3_endpoint):
+    """Through a proxy adding 0.5 s to every request, 6 chunks of both arrays read as one group take
+    two latencies (the chunks of shard 0, whose indexes are cached, at once with the two indexes of
+    shard 1, then its chunks) where one at a time takes 8; same bytes as single reads; a corrupt
+    chunk in a group names its shard."""
+    import s3fs
+
+    from bench.faultproxy import FaultProxy
+
+    delay = 0.5
+    uri, _ = _s3_rows_store(24, "float32", 12, 2, compressor="none")  # chunks of 2 x 512 B + crc32c
+    chunks = [1, 3, 4, 7, 9, 10]  # shards 0 and 1
+    reads = [(c, "latents_flip" if c % 2 else "latents", np.empty((2,) + SHAPE, np.float32)) for c in chunks]
+    with FaultProxy(s3_endpoint) as proxy:
+        so = {"client_kwargs": {"endpoint_url": proxy.url}}
+        grouped, single = LatentStore.open(uri, so), LatentStore.open(uri, so)  # metadata read at D = 0
+        for array in ("latents", "latents_flip"):
+            grouped.read_chunk_stored(0, array)  # zarr.json and shard 0's index of both arrays: cached
+        proxy.set_latency(delay * 1000)
+        t0 = time.perf_counter()
+        order = [pos for pos, _ in grouped.read_chunks_stored(reads)]
+        elapsed = time.perf_counter() - t0
+        peak = proxy.stats()["in_flight"]["peak"]
+        proxy.set_latency(0)
+        assert sorted(order) == list(range(6))
+        assert 2 * delay <= elapsed < 5 * delay, elapsed  # 8 requests one after another: >= 4 s
+        assert peak == 5  # 3 chunks of shard 0 and shard 1's 2 indexes
+        for chunk, array, out in reads:
+            assert np.array_equal(out, single.read_chunk_stored(chunk, array))
+            assert np.array_equal(np.abs(out), np.repeat(np.arange(2 * chunk, 2 * chunk + 2) + 1.0, 128)
+                                  .reshape(out.shape))
+    fs = s3fs.S3FileSystem()
+    key = uri[len("s3://"):] + "/latents/c/1/0/0/0"
+    data = bytearray(fs.cat_file(key))
+    data[100] ^= 0xFF  # inside the shard's first chunk (chunk 6: bytes [0, 1028))
+    fs.pipe_file(key, bytes(data))
+    corrupt = LatentStore.open(uri)
+    with pytest.raises(StoreError, match=r"latents\[12:14\] failed in shard\(s\) \[1\].*crc32c"):
+        list(corrupt.read_chunks_stored([(c, "latents", np.empty((2,) + SHAPE, np.float32)) for c in (2, 6, 9)]))
 
 
 @pytest.mark.timeout(120)

@@ -455,3 +455,137 @@ def test_checksum_covers_keys_dtype_shape_and_bytes():
     changed[0] = 1e-7
     assert state_dict_checksum({**base, "a": changed}) != reference
     assert state_dict_checksum({"x": torch.ones(2, dtype=torch.bfloat16)})  # any dtype hashes
+
+
+# ---------------------------------------------------------------------------------------------
+# save_pretrained folders: config.json + weights, single or sharded
+# ---------------------------------------------------------------------------------------------
+
+FOLDER_DEPTH = 2  # the loader builds any depth up to 12; two blocks keep the folders small
+
+
+@pytest.fixture(scope="module")
+def dinov2_folders(tmp_path_factory):
+    """A 2-block DINOv2-with-registers-B (the real widths, random weights) saved by transformers'
+    save_pretrained twice: one model.safetensors, and shards of at most 20 MB with their index."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    config = Dinov2WithRegistersConfig(image_size=518, patch_size=14, num_register_tokens=4,
+                                       num_hidden_layers=FOLDER_DEPTH)
+    with torch.device("meta"):
+        model = Dinov2WithRegistersModel(config)
+    model.to_empty(device="cpu")
+    _fill_random(model, seed=5)
+    root = tmp_path_factory.mktemp("save_pretrained")
+    single, sharded = root / "single", root / "sharded"
+    model.save_pretrained(single)
+    model.save_pretrained(sharded, max_shard_size="20MB")
+    expected = convert_hf_state_dict("dinov2", model.state_dict())
+    return {"single": single, "sharded": sharded, "model": model, "expected": expected}
+
+
+@pytest.mark.timeout(120)
+def test_save_pretrained_folders_load_single_and_sharded(dinov2_folders):
+    single, sharded = dinov2_folders["single"], dinov2_folders["sharded"]
+    assert (single / "config.json").exists() and (single / "model.safetensors").exists()
+    shards = sorted(p.name for p in sharded.glob("model-*-of-*.safetensors"))
+    assert len(shards) >= 2 and (sharded / "model.safetensors.index.json").exists()
+
+    want = RAEEncoder("dinov2", 256, seed=None, depth=FOLDER_DEPTH)
+    want.load_timm_state_dict(dinov2_folders["expected"])
+    sha = state_dict_checksum(want.state_dict())
+    for folder in (single, sharded):
+        encoder, info = build_encoder("dinov2", 256, weights=str(folder), depth=FOLDER_DEPTH)
+        assert info == {"source": "file", "ref": str(folder), "layout": "hf", "sha256": sha, "seed": None}
+    x = images(256, 1, seed=3)
+    with torch.no_grad():
+        assert torch.equal(encoder(x), want(x))
+
+    # What `encode --weights DIR` runs first (the job's encoder, before any source is listed).
+    from pipeline.encode import EncodeConfig, build_configured_encoder
+
+    _, info = build_configured_encoder(EncodeConfig(encoder="dinov2", weights=str(sharded),
+                                                    encoder_overrides={"depth": FOLDER_DEPTH}))
+    assert info["sha256"] == sha
+
+
+def _edited_copy(folder, tmp_path, **changes):
+    import json
+    import shutil
+
+    dest = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+    shutil.copytree(folder, dest)
+    config = json.loads((dest / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key, None)
+        else:
+            config[key] = value
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
+@pytest.mark.timeout(120)
+def test_a_folder_whose_config_is_another_encoder_names_the_key(dinov2_folders, tmp_path):
+    single = dinov2_folders["single"]
+    cases = [
+        ({"model_type": "dinov2"}, "model_type is 'dinov2'"),
+        ({"num_register_tokens": 0}, "num_register_tokens is 0, expected 4"),
+        ({"hidden_size": 384}, "hidden_size is 384, expected 768"),
+        ({"patch_size": 16}, "patch_size is 16, expected 14"),
+        ({"image_size": 224}, "image_size is 224, expected 518"),
+    ]
+    for changes, message in cases:
+        folder = _edited_copy(single, tmp_path, **changes)
+        with pytest.raises(EncoderWeightsError, match=message) as err:
+            build_encoder("dinov2", weights=str(folder), depth=FOLDER_DEPTH)
+        assert str(folder / "config.json") in str(err.value)
+    with pytest.raises(EncoderWeightsError, match="num_hidden_layers is 2, expected 12"):
+        build_encoder("dinov2", weights=str(single))  # the real depth: the folder has 2 blocks
+    # A DINOv2 folder offered as MAE: refused on the config, before any weight is looked at.
+    with pytest.raises(EncoderWeightsError, match="model_type is 'dinov2_with_registers'.*'vit_mae'"):
+        build_encoder("mae", weights=str(single), depth=FOLDER_DEPTH)
+    # A field the file leaves out is not checked (older hub configs omit defaults); the shapes are.
+    build_encoder("dinov2", weights=str(_edited_copy(single, tmp_path, mlp_ratio=None)), depth=FOLDER_DEPTH)
+
+
+def test_folder_config_rules_for_siglip_mae_and_timm():
+    """Configs alone (no weights): a whole SigLIP model's vision_config, MAE, a timm folder."""
+    from pipeline.encoders import check_hf_config, expected_hf_config
+
+    siglip = {"model_type": "siglip", "vision_config": {**expected_hf_config("siglip2"), "image_size": 224}}
+    with pytest.raises(EncoderWeightsError, match="vision_config.image_size is 224, expected 256"):
+        check_hf_config("siglip", siglip, "x/config.json")
+    check_hf_config("siglip2", {"model_type": "siglip_vision_model", **expected_hf_config("siglip2")}, "x")
+    mae = {"model_type": "vit_mae", **expected_hf_config("mae"), "mask_ratio": 0.75, "decoder_hidden_size": 512}
+    check_hf_config("mae", mae, "x")
+    with pytest.raises(EncoderWeightsError, match="layer_norm_eps is 1e-06, expected 1e-12"):
+        check_hf_config("mae", {**mae, "layer_norm_eps": 1e-6}, "x")
+    check_hf_config("dinov2", {"architecture": "vit_base_patch14_reg4_dinov2", "num_classes": 0}, "x")
+    with pytest.raises(EncoderWeightsError, match="architecture is 'vit_small_patch14_reg4_dinov2'"):
+        check_hf_config("dinov2", {"architecture": "vit_small_patch14_reg4_dinov2"}, "x")
+
+
+@pytest.mark.timeout(120)
+def test_broken_folders_name_the_missing_file(dinov2_folders, tmp_path):
+    import json
+    import shutil
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        build_encoder("dinov2", weights=str(tmp_path / "no-such-folder"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(EncoderWeightsError, match="config.json"):
+        build_encoder("dinov2", weights=str(empty), depth=FOLDER_DEPTH)
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(dinov2_folders["single"] / "config.json", no_weights / "config.json")
+    with pytest.raises(EncoderWeightsError, match="no weights.*model.safetensors"):
+        build_encoder("dinov2", weights=str(no_weights), depth=FOLDER_DEPTH)
+    lost = tmp_path / "lost-shard"
+    shutil.copytree(dinov2_folders["sharded"], lost)
+    index = json.loads((lost / "model.safetensors.index.json").read_text())
+    gone = sorted(set(index["weight_map"].values()))[-1]
+    (lost / gone).unlink()
+    with pytest.raises(EncoderWeightsError, match=f"names the shard {gone}"):
+        build_encoder("dinov2", weights=str(lost), depth=FOLDER_DEPTH)

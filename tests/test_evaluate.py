@@ -158,6 +158,50 @@ def test_inception_score_uniform_confident_and_hand_formula():
         M.inception_score(logits, kind="probs")
 
 
+def _adm_inception_score(probs: np.ndarray, split_size: int) -> float:
+    """guided-diffusion evaluations/evaluator.py compute_inception_score, on its softmax output."""
+    scores = []
+    for i in range(0, len(probs), split_size):
+        part = probs[i:i + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+def test_inception_score_adm_splits_are_consecutive_chunks_in_file_order():
+    from trainer.metrics.fid import ADM_ISC_SPLIT_SIZE
+
+    assert ADM_ISC_SPLIT_SIZE == 5000
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(23, 6)) * 3  # 23 = 4 chunks of 5 and a short one of 3
+    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    mean, std = M.inception_score(logits, split_size=5)
+    assert mean == pytest.approx(_adm_inception_score(p, 5), rel=1e-10) and std > 0
+    assert M.inception_score(logits, split_size=5, seed=1, splits=2) == (mean, std)  # no shuffle, no `splits`
+    assert M.inception_score(logits, split_size=100)[0] == pytest.approx(M.inception_score(logits, splits=1)[0])
+    with pytest.raises(M.EvaluationError, match="split_size >= 1"):
+        M.inception_score(logits, split_size=0)
+
+
+@pytest.mark.timeout(120)
+def test_inception_score_adm_and_shuffled_splits_agree_on_a_permuted_equal_label_file():
+    """Logits of a 50,000-sample class-conditional file (a bump at each sample's class over random
+    logits of 1000 classes; IS ~185): in the seeded order of `sample --labels equal` the ADM
+    splits (5,000 consecutive samples) and the shuffled ones agree within 2%; written class by
+    class (100 classes per ADM split), the ADM convention caps the score below 100."""
+    from trainer.metrics.fid import ADM_ISC_SPLIT_SIZE
+    from trainer.sampling import sample_labels
+
+    permuted = sample_labels("equal", 50_000, 1000, seed=0)
+    logits = np.random.default_rng(0).random((50_000, 1000), dtype=np.float32) * 3
+    logits[np.arange(50_000), permuted] += 9.0
+    adm, _ = M.inception_score(logits, split_size=ADM_ISC_SPLIT_SIZE)
+    shuffled, _ = M.inception_score(logits, splits=10)
+    assert adm > 150 and abs(adm - shuffled) / shuffled < 0.02, (adm, shuffled)
+    in_class_order = logits[np.argsort(permuted, kind="stable")]
+    assert M.inception_score(in_class_order, split_size=ADM_ISC_SPLIT_SIZE)[0] < 100
+
+
 def _brute_force_precision_recall(real, fake, k):
     def radii(x):
         d = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1))
@@ -385,6 +429,19 @@ def test_ref_stats_from_npz_then_evaluate_writes_json(our_features, image_sets, 
     assert m["inception_score_mean"] == pytest.approx(M.inception_score(a["logits_unbiased"])[0], rel=1e-6)
     assert (m["precision"], m["recall"]) == M.precision_recall(b["pool"], a["pool"])
     assert m["reference"]["fid_statistics"] == "reference statistics file (ref-stats)"
+    assert m["settings"]["isc_split_mode"] == "shuffle" and m["settings"]["isc_shuffle_seed"] == 2020
+
+    # --is-splits adm: consecutive 5,000-sample chunks in file order (here one chunk of 4).
+    result = runner.invoke(app, ["evaluate", "--samples", image_sets["A_npz"], "--ref", stats_path, "--is-splits",
+                                 "adm", "--inception-weights", "random", "--out", out, "--device", "cpu",
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    m = json.loads(open(out).read())
+    assert (m["settings"]["isc_split_mode"], m["settings"]["isc_splits"], m["settings"]["isc_split_size"]) == \
+        ("adm", 1, 5000) and m["settings"]["isc_shuffle_seed"] is None
+    assert m["inception_score_mean"] == pytest.approx(M.inception_score(a["logits_unbiased"], splits=1)[0], rel=1e-6)
+    assert m["reference"]["inception_score_mean"] == pytest.approx(
+        M.inception_score(b["logits_unbiased"], splits=1)[0], rel=1e-6)
 
     # Statistics of another network are refused before any image is looked at.
     info = json.loads(str(stats["inception"]))

@@ -450,3 +450,67 @@ def test_two_processes_equal_one_process(tmp_path):
         torch.testing.assert_close(b.model_state[key], value, rtol=1e-5, atol=1e-6, msg=key)
     last = load_checkpoint(str(two))
     assert "gan" in _records(two)[-1] and all(torch.isfinite(v).all() for v in last.extra_weights["disc"].values())
+
+
+# ------------------------------------------------------------------------------------------------
+# presets named after the released runs, and the released recipe's crops
+# ------------------------------------------------------------------------------------------------
+
+
+def test_decoder_presets_follow_the_released_code():
+    """The released stage-1 trainer draws sigma = tau * U(0, 1) and runs fp32 by default; the
+    ``*_reference`` preset adds its data (frozen encoder in the loop on random crops); cached
+    center-crop latents stay the default data everywhere else."""
+    for name in ("decoder_b_dinov2", "decoder_l_dinov2", "decoder_xl_dinov2", "decoder_b_dinov2_reference"):
+        cfg = resolve_config(name)
+        assert (cfg.loss.noise_rule, cfg.loss.noise_tau) == ("uniform", 0.8), name
+        assert (cfg.train.precision, cfg.train.tf32) == ("fp32", True), name
+        assert cfg.data.global_batch == 512 and cfg.train.epochs == 16.0, name
+    assert resolve_config("decoder_b_dinov2").data.mode == "cached"
+    ref = resolve_config("decoder_b_dinov2_reference")
+    assert ref.data.mode == "encode_on_the_fly" and ref.model.size == "decoder_b" and ref.data.augment_resize is None
+    assert DecoderDataConfig().mode == "cached"
+    # The paper's half-normal noise and bf16 stay one override away.
+    other = resolve_config("decoder_b_dinov2", ["loss.noise_rule=half_normal", "train.precision=bf16"])
+    assert (other.loss.noise_rule, other.train.precision) == ("half_normal", "bf16")
+
+
+@pytest.mark.parametrize("size", [(500, 375), (300, 420), (384, 384)])
+def test_random_crops_are_torchvision_resize_384_then_random_crop_256(size):
+    """The released stage-1 loader: ``Resize(384, BICUBIC)`` (short side 384 on a PIL image) then
+    ``RandomCrop(256)`` (top, then left, uniform). Same window -> the same bytes."""
+    import io
+
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    from trainer.decoder_data import random_resized_crop
+
+    buf = io.BytesIO()
+    Image.fromarray(_image(3, size)).save(buf, format="PNG")
+    for seed in range(3):
+        ours = random_resized_crop(buf.getvalue(), 384, 256, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        resized = TF.resize(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"), 384,
+                            interpolation=InterpolationMode.BICUBIC)
+        w, h = resized.size
+        assert min(w, h) == 384 and max(w, h) == int(384 * max(size) / min(size))
+        top, left = int(rng.integers(0, h - 256 + 1)), int(rng.integers(0, w - 256 + 1))
+        theirs = np.asarray(TF.crop(resized, top, left, 256, 256)).transpose(2, 0, 1)
+        assert ours.shape == (3, 256, 256) and np.array_equal(ours, theirs)
+
+
+def test_the_decoder_data_bench_fits_the_same_decoder_two_ways():
+    """``bench --only decoder_data``: the two fits differ in their data alone, with the released
+    noise rule."""
+    import bench.bench  # noqa: F401  (registers every item in order)
+    from bench.bench_decoder import MODES, fit_overrides
+    from bench.common import BENCHMARKS
+    from pipeline.config import to_dict
+
+    assert "decoder_data" in BENCHMARKS
+    cached, ref = (to_dict(resolve_config("debug", fit_overrides(mode, 8, 8))) for mode in MODES)
+    differ = {(section, key) for section in cached for key in cached[section]
+              if cached[section][key] != ref[section][key]}
+    assert differ == {("data", "mode")} and ref["data"]["mode"] == "encode_on_the_fly"
+    assert cached["loss"]["noise_rule"] == "uniform" and cached["train"]["max_steps"] == 8

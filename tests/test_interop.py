@@ -17,16 +17,9 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from schemas.store_v1 import encoder_mismatch
 from trainer.checkpoint import load_checkpoint, read_meta, save_checkpoint
-from trainer.interop import (
-    InteropError,
-    LayoutMismatchError,
-    export_rae,
-    import_decoder_weights,
-    import_dit_weights,
-    model_from_checkpoint,
-    published_layout,
-)
+from trainer.interop import export_rae, import_decoder_weights, import_dit_weights, model_from_checkpoint
 from trainer.models import model_meta
+from trainer.published import InteropError, LayoutMismatchError, published_layout
 
 runner = CliRunner()
 

@@ -55,8 +55,10 @@ def _stats(seed: int = 7) -> dict[str, torch.Tensor]:
 
 
 def save_dit(run_dir, *, seed=0, depth=2, encoder=ENCODER, stats=True, extra_alpha=True, num_classes=CLASSES,
-             ema=True, imported=False) -> str:
-    """A DiT^DH checkpoint with train-dit's meta (DiTTrainer.checkpoint_meta); EMA weights differ from the model's."""
+             ema=True, imported=False, stats_mode=None) -> str:
+    """A DiT^DH checkpoint with train-dit's meta (DiTTrainer.checkpoint_meta); EMA weights differ from the model's.
+    stats_mode None: written before the statistics mode was recorded (no data.stats_mode, no extra.stats_mode);
+    "var": as a data.stats_mode=var run writes it (the variance alone in stats.safetensors)."""
     torch.manual_seed(seed)
     model = build_model(dit_config("dit_dh_s", SHAPE[0], SHAPE[1], hidden_size=64, depth=depth, num_heads=4,
                                    head_hidden_size=128, head_depth=1, head_num_heads=4, num_classes=num_classes))
@@ -64,20 +66,28 @@ def save_dit(run_dir, *, seed=0, depth=2, encoder=ENCODER, stats=True, extra_alp
     ema_model = _perturb(copy.deepcopy(model), seed + 1000, 0.02)
     cfg = resolve_config("debug", ["flow.shift_base=64"])  # alpha = sqrt(128 / 64): a real shift at this size
     alpha = shift_alpha(SHAPE, 64)
+    config = json.loads(json.dumps(to_dict(cfg)))
+    saved_stats = _stats() if stats else None
+    if stats_mode is None:
+        del config["data"]["stats_mode"]
+    else:
+        config["data"]["stats_mode"] = stats_mode
+        if stats_mode == "var":
+            saved_stats = {"var": _stats()["var"]}
     meta = {
-        "kind": "dit", "epoch": 2.0, "samples_seen": 96, "config": json.loads(json.dumps(to_dict(cfg))),
+        "kind": "dit", "epoch": 2.0, "samples_seen": 96, "config": config,
         "model": model_meta(model),
         "store": {"store_id": "0123456789abcdef0123", "uri": "/stores/synthetic", "latent_shape": list(SHAPE)},
         "encoder": encoder,
-        "statistics": {"mean": True, "var": True, "source": "store"} if stats else None,
+        "statistics": {"mean": "mean" in saved_stats, "var": True, "source": "store"} if stats else None,
         "data_state": None,
         "extra": {**({"shift_alpha": alpha} if extra_alpha else {}), "world_size": 1, "total_steps": 6,
-                  "init_from": None},
+                  "init_from": None, **({"stats_mode": stats_mode} if stats_mode else {})},
     }
     if imported:  # import-rae's meta: no store, no training config, no recorded shift
         meta.update(config={"import": {"dit": "dit.pt"}}, store=None, extra={})
     return save_checkpoint(str(run_dir), 6, model_state=model, ema_state=ema_model.state_dict() if ema else None,
-                           meta=meta, stats=_stats() if stats else None)
+                           meta=meta, stats=saved_stats)
 
 
 def save_decoder(run_dir, *, encoder=ENCODER, in_channels=SHAPE[0], grid=SHAPE[1], patch=4, seed=1) -> str:
@@ -144,11 +154,36 @@ def _seed_of(seed: int, i: int) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_label_policies(tmp_path):
+def test_equal_labels_are_a_seeded_permutation_every_adm_split_sees_all_classes():
+    """`equal`: exactly N/K per class in a permutation that depends on (seed, N, K) only, so the ADM
+    evaluator's consecutive 5,000-sample Inception Score splits each see (nearly) every class."""
     equal = sample_labels("equal", 50_000, 1000)
-    assert np.array_equal(np.bincount(equal), np.full(1000, 50)) and np.all(np.diff(equal) >= 0)
-    assert sample_labels("equal", 10, 4).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
-    assert sample_labels("equal", 3, 4).tolist() == [0, 1, 2]
+    assert equal.dtype == np.int64 and np.array_equal(np.bincount(equal, minlength=1000), np.full(1000, 50))
+    blocks = [len(np.unique(equal[s:s + 5000])) for s in range(0, 50_000, 5000)]
+    assert min(blocks) >= 990, blocks  # in class order each block held 100 classes
+    assert np.array_equal(equal, sample_labels("equal", 50_000, 1000, seed=0))  # a pure function
+    other = sample_labels("equal", 50_000, 1000, seed=1)
+    assert not np.array_equal(other, equal) and np.array_equal(np.sort(other), np.sort(equal))
+    # The reference sampler's construction: torch.randperm of the class-ordered pool under manual_seed(seed).
+    pool = torch.arange(1000).repeat_interleave(50)
+    assert np.array_equal(equal, pool[torch.randperm(50_000, generator=torch.Generator().manual_seed(0))].numpy())
+    # Over seeds, a block misses on average ~5 classes (a uniform permutation: a split's class counts
+    # are those of a random split, as the shuffled Inception Score assumes); none misses 20.
+    for seed in range(2, 6):
+        cover = [len(np.unique(b)) for b in sample_labels("equal", 50_000, 1000, seed=seed).reshape(10, 5000)]
+        assert np.mean(cover) >= 990 and min(cover) >= 980, (seed, cover)
+    # N not a multiple of K: floor(N/K) or ceil(N/K) per class, exactly the class-ordered multiset.
+    for num, classes in ((10, 4), (1003, 7), (3, 4)):
+        labels = sample_labels("equal", num, classes, seed=5)
+        ordered = sample_labels("equal", num, classes, seed=5, class_order=True)
+        assert np.array_equal(ordered, np.arange(num) * classes // num)
+        assert np.array_equal(np.sort(labels), ordered)
+        assert np.bincount(labels, minlength=classes).max() - np.bincount(labels, minlength=classes).min() <= 1
+    assert sample_labels("equal", 10, 4, class_order=True).tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert sample_labels("equal", 3, 4, class_order=True).tolist() == [0, 1, 2]
+
+
+def test_label_policies(tmp_path):
     rand = sample_labels("random", 1000, 7, seed=3)
     assert np.array_equal(rand, sample_labels("random", 1000, 7, seed=3))
     assert not np.array_equal(rand, sample_labels("random", 1000, 7, seed=4))
@@ -169,6 +204,38 @@ def test_label_policies(tmp_path):
         sample_labels(str(path), 4, 4)
 
 
+def test_statistics_mode_recorded_in_the_checkpoint_is_honoured(ckpts, tmp_path):
+    """A data.stats_mode=var DiT samples with the variance alone (mean zero), also from a --stats
+    file that holds a mean; the sample plan records the statistics used."""
+    file = tmp_path / "stats.npz"
+    np.savez(file, mean=np.full(SHAPE, 2.0), var=np.full(SHAPE, 3.0))
+    var_ckpt = save_dit(tmp_path / "var", stats_mode="var")
+    dit = load_dit(var_ckpt)
+    assert dit.stats_mode == "var" and dit.normalizer.mean is None
+    assert torch.equal(dit.normalizer.var, _stats()["var"])
+    z = torch.ones((1, *SHAPE))
+    torch.testing.assert_close(dit.normalizer.denormalize(z), torch.sqrt(_stats()["var"] + 1e-5)[None])
+    over = load_dit(var_ckpt, stats=str(file))
+    assert over.normalizer.mean is None and float(over.normalizer.var.mean()) == 3.0
+    assert float(load_dit(ckpts["dit"], stats=str(file)).normalizer.mean.mean()) == 2.0  # mean_var keeps it
+    # Where the mode is read from: meta.extra, else the config's data section, else mean_var.
+    from types import SimpleNamespace
+
+    from trainer.loading import checkpoint_stats_mode
+
+    assert checkpoint_stats_mode(SimpleNamespace(extra={}, config={"data": {"stats_mode": "var"}})) == "var"
+    assert checkpoint_stats_mode(SimpleNamespace(extra={}, config={"import": {"dit": "x.pt"}})) == "mean_var"
+    with pytest.raises(LoadError, match="statistics mode 'centred'"):
+        checkpoint_stats_mode(SimpleNamespace(extra={"stats_mode": "centred"}, config={}))
+    job = SamplingJob(_cfg(num=2), dit, load_decoder(ckpts["decoder"]), None, np.zeros(2, np.int64),
+                      torch.device("cpu"))
+    assert job.plan((16, 16, 3))["statistics"]["mean"] is False
+    # AutoGuidance needs the weak model in the same normalized space.
+    check_compatible(dit, load_decoder(ckpts["decoder"]), load_dit(save_dit(tmp_path / "weak_var", stats_mode="var")))
+    with pytest.raises(LoadError, match="statistics mode mean_var; DiT .* with var"):
+        check_compatible(dit, load_decoder(ckpts["decoder"]), load_dit(ckpts["weak"]))
+
+
 def test_noise_depends_on_seed_and_index_only():
     a = sample_noise(0, [5, 6, 7], SHAPE)
     assert a.shape == (3, *SHAPE) and a.dtype == torch.float32
@@ -183,6 +250,7 @@ def test_checkpoint_rebuilds_model_shift_and_statistics(ckpts, tmp_path):
     assert dit.weights == "ema" and dit.latent_shape == SHAPE and dit.num_classes == CLASSES
     assert dit.shift_alpha == pytest.approx(math.sqrt(128 / 64)) and dit.shift_alpha_source == "meta.extra.shift_alpha"
     assert torch.equal(dit.normalizer.mean, _stats()["mean"]) and dit.normalizer.source.startswith("checkpoint:")
+    assert dit.stats_mode == "mean_var"  # a checkpoint that records no mode: mean and var, as before
     assert not dit.model.training
     # EMA weights by default; --weights model gives the raw ones.
     model_w = load_dit(ckpts["dit"], weights="model")
@@ -247,7 +315,8 @@ def test_sample_writes_npz_and_grid_equal_to_an_independent_computation(ckpts, t
     result = sample(ckpts["dit"], ckpts["decoder"], out, _cfg(num=10, grid_max=4))
     images, labels = _npz(out)
     assert images.shape == (10, 16, 16, 3) and images.dtype == np.uint8 and result.image_shape == (16, 16, 3)
-    assert labels.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3] and labels.dtype == np.int64
+    assert labels.tolist() == sample_labels("equal", 10, CLASSES, seed=0).tolist() and labels.dtype == np.int64
+    assert sorted(labels.tolist()) == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
     assert images.std() > 5  # real pictures, not a constant
     # The same pixels from flow's sampler, the EMA weights, the checkpoint's shift and statistics.
     expected = _manual_images(ckpts["dit"], ckpts["decoder"], labels, seed=0)

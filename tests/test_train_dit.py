@@ -2,6 +2,7 @@
 on tiny synthetic stores with tiny models (CPU, one thread)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from trainer.optim import NonFiniteLossError
 from trainer.train_dit import (
     PRESETS,
     DiTTrainer,
+    keep_epoch_steps,
     TrainError,
     config_from_run_dir,
     model_config_for,
@@ -103,10 +105,20 @@ def test_presets_match_the_reference_configs():
         assert (t.grad_accum_steps, t.log_every, t.ckpt_every, t.seed) == (4, 100, 5000, 0)
         assert t.epochs == (400.0 if name.endswith("512") else 800.0) and t.max_steps is None
         assert (cfg.flow.time_dist, cfg.flow.shift_base, cfg.flow.shift_alpha) == ("logit_normal", 4096, None)
+        # Where paper and released code differ, the code: fp32 with TF32 matmuls, variance-only statistics.
+        assert (t.precision, t.tf32, cfg.data.stats_mode) == ("fp32", True, "var")
+        assert resolve_config(name, ["train.precision=bf16"]).train.precision == "bf16"  # the opt-in
+    # AutoGuidance's guide: the DiT^DH-S recipe for 14 epochs at 256 px, its epoch-14 checkpoint kept.
+    guide, s_run = resolve_config("dit_dh_s_dinov2_256_ag_guide"), resolve_config("dit_dh_s_dinov2_256")
+    assert (guide.model.size, guide.train.epochs, guide.train.keep_epochs) == ("dit_dh_s", 14.0, [14])
+    assert dataclasses.replace(guide.train, epochs=800.0, keep_epochs=[]) == s_run.train
+    assert (guide.model, guide.flow, guide.optim, guide.data) == (s_run.model, s_run.flow, s_run.optim, s_run.data)
+    assert s_run.optim.constant_epochs >= 14  # its LR is still constant: the first 14 epochs of the full S run
     # The architecture comes from the size and the store: XL with the 2048-wide, 2-block head.
     xl = dit_config("dit_dh_xl", 768, 16)
     assert (xl.hidden_size, xl.depth, xl.num_heads, xl.head_hidden_size, xl.head_depth) == (1152, 28, 16, 2048, 2)
     debug = resolve_config("debug")
+    assert (debug.train.precision, debug.data.stats_mode, debug.train.keep_epochs) == ("auto", "mean_var", [])
     assert (debug.model.hidden_size, debug.model.depth, debug.model.head_hidden_size, debug.model.head_depth) == \
         (64, 2, 128, 1)
     assert debug.train.max_steps <= 500 and 8 <= debug.data.global_batch <= 16
@@ -490,7 +502,7 @@ def test_model_follows_the_store(store):
     assert (m.in_channels, m.input_size, m.num_classes, m.hidden_size, m.head_hidden_size) == (8, 4, 4, 64, 128)
     assert model_config_for(_cfg("model.num_classes=10"), store).num_classes == 10
     assert set(PRESETS) == {"dit_dh_s_dinov2_256", "dit_dh_b_dinov2_256", "dit_dh_xl_dinov2_256",
-                            "dit_dh_xl_dinov2_512", "dit_xl_dinov2_256", "debug"}
+                            "dit_dh_xl_dinov2_512", "dit_xl_dinov2_256", "dit_dh_s_dinov2_256_ag_guide", "debug"}
 
 
 @pytest.mark.timeout(120)
@@ -528,6 +540,63 @@ def test_stats_file_is_used_recorded_and_required_on_resume(store, tmp_path):
     assert _train(_cfg("train.max_steps=2", "data.global_batch=8"), store, run, stats=str(stat)).step == 2
 
 
+@pytest.mark.timeout(120)
+def test_stats_mode_var_trains_with_the_variance_alone_and_is_recorded(store, tmp_path):
+    """data.stats_mode=var (--stats-mode var): latents divided by sqrt(var + eps), mean zero, as the
+    released DiT^DH-XL; the checkpoint holds the variance alone and records the mode; resuming
+    with the other mode is refused, naming it."""
+    from trainer.loading import load_dit
+
+    run = tmp_path / "run"
+    trainer = DiTTrainer(_cfg("train.max_steps=1", "data.global_batch=8", "data.stats_mode=var"), store.uri, str(run))
+    mean, var = store.stats()
+    assert trainer.normalizer.mean is None and np.allclose(trainer.normalizer.var.numpy(), var)
+    assert "statistics store (var)" in trainer.describe_run()
+    x = torch.from_numpy(store.read_rows(0, 2)).float()
+    torch.testing.assert_close(trainer.normalizer.normalize(x), x / torch.sqrt(torch.from_numpy(var).float() + 1e-5))
+    trainer.train()
+    ckpt = load_checkpoint(str(run))
+    assert ckpt.meta.statistics == {"mean": False, "var": True, "source": "store"} and set(ckpt.stats) == {"var"}
+    assert ckpt.meta.extra["stats_mode"] == "var" and ckpt.meta.config["data"]["stats_mode"] == "var"
+    assert load_dit(str(run)).stats_mode == "var" and load_dit(str(run)).normalizer.mean is None
+    with pytest.raises(TrainError, match=r"the same data.stats_mode \(the run's: var; now: mean_var\)"):
+        DiTTrainer(_cfg("train.max_steps=2", "data.global_batch=8"), store.uri, str(run))
+    # The command-line flag is the config key.
+    from pipeline.cli import app
+
+    out = CliRunner().invoke(app, ["train-dit", "--store", store.uri, "--run-dir", str(run), "--preset", "debug",
+                                   "--stats-mode", "var", "--print-config"])
+    assert out.exit_code == 0 and json.loads(out.stdout)["data"]["stats_mode"] == "var", out.output
+
+
+def test_keep_epoch_steps_end_each_epoch():
+    assert keep_epoch_steps([14], 1_281_167, 1024) == {17516: 14}  # ImageNet-1k train, global batch 1024
+    assert 17515 * 1024 < 14 * 1_281_167 <= 17516 * 1024
+    assert keep_epoch_steps([2, 1, 2], 48, 10) == {5: 1, 10: 2}
+    assert keep_epoch_steps([], 48, 8) == {}
+
+
+@pytest.mark.timeout(120)
+def test_keep_epochs_checkpoints_are_saved_and_never_pruned(store, tmp_path):
+    """train.keep_epochs=[1,2] on 48 samples in batches of 8: the steps ending epochs 1 and 2 (6, 12)
+    are saved although ckpt_every (5) does not land on them, and survive pruning (keep_last 1),
+    also in a resumed run whose config no longer lists them."""
+    run = tmp_path / "run"
+    common = ["data.global_batch=8", "train.ckpt_every=5", "train.keep_last=1", "train.keep_every=0"]
+    trainer = DiTTrainer(_cfg(*common, "train.max_steps=14", "train.keep_epochs=[1,2,9]"), store.uri, str(run))
+    assert "keeping the checkpoints ending epoch 1 at step 6, epoch 2 at step 12, epoch 9 at step 54 (after the " \
+        "last step: not reached)" in trainer.describe_run()
+    assert trainer.train().step == 14
+    assert [e.step for e in list_checkpoints(str(run)) if e.complete] == [6, 12, 14]
+    for step, epoch in ((6, 1), (12, 2)):
+        meta = read_meta(str(run / "checkpoints" / f"step-{step:07d}"))
+        assert meta.extra["keep"] == f"the step ending epoch {epoch} (train.keep_epochs)"
+        assert meta.samples_seen == epoch * 48 and meta.epoch == pytest.approx(epoch)
+    assert "keep" not in read_meta(str(run)).extra
+    _train(_cfg(*common, "train.max_steps=16"), store, run)
+    assert [e.step for e in list_checkpoints(str(run)) if e.complete] == [6, 12, 16]
+
+
 def _decoder_ckpt(run_dir, encoder=None, in_channels=SHAPE[0]) -> str:
     """A tiny decoder of `store`'s 8x4x4 latents (4x4 patches: 16x16 px)."""
     from trainer.checkpoint import save_checkpoint
@@ -562,7 +631,7 @@ def test_preview_grids_with_a_decoder(store, tmp_path):
     assert sorted(os.listdir(run / "previews")) == ["step-0000002.png", "step-0000004.png"]
     shown = np.asarray(Image.open(run / "previews" / "step-0000004.png").convert("RGB"))
     dit, dec = load_dit(str(run)), load_decoder(decoder)
-    labels = sample_labels("equal", 6, store.spec["classes"]["num_classes"])
+    labels = sample_labels("equal", 6, store.spec["classes"]["num_classes"], class_order=True)
     job = SamplingJob(SampleConfig(num=6, steps=5, seed=0), dit, dec, None, labels, torch.device("cpu"))
     expected = image_grid(job.sample_indices(range(6)))
     assert shown.shape == expected.shape and np.abs(shown.astype(int) - expected).max() <= 1

@@ -12,7 +12,9 @@ any point (SIGKILL included) leaves the previous checkpoint as the newest comple
   ``COMPLETE`` last; a prefix without the marker is ignored by readers and removed by pruning.
 
 ``meta.json`` carries the SHA-256 of every payload file and ``COMPLETE`` carries the SHA-256 of
-``meta.json``; :func:`load_checkpoint` checks both and names the file that does not match.
+``meta.json``; :func:`load_checkpoint` checks both and names the file that does not match. A
+complete checkpoint that a resuming trainer finds corrupt is set aside (:func:`set_aside_checkpoint`:
+``COMPLETE`` renamed to ``COMPLETE.corrupt``, files kept), so it no longer counts as complete.
 """
 from __future__ import annotations
 
@@ -39,6 +41,9 @@ from schemas.errors import UserError
 
 _HASH_CHUNK = 8 << 20  # bytes read at a time when hashing local files
 _TMP_DIR = re.compile(r"^\.tmp-step-(\d+)-")  # local writes in progress or interrupted
+# A complete checkpoint found corrupt on resume keeps its files; its marker gets this name, so no
+# reader counts it (renaming it back to COMPLETE restores it).
+SET_ASIDE_MARKER = spec.COMPLETE_FILE + ".corrupt"
 
 
 class CheckpointError(UserError, ValueError):
@@ -459,6 +464,11 @@ def resolve_checkpoint(uri: str, storage_options: dict | None = None) -> str:
         if not fs.exists(path):
             raise CheckpointNotFoundError(f"checkpoint {uri} does not exist")
         if not fs.exists(f"{path}/{spec.COMPLETE_FILE}"):
+            if fs.exists(f"{path}/{SET_ASIDE_MARKER}"):
+                raise CorruptCheckpointError(
+                    f"checkpoint {uri} was set aside as corrupt (its marker is {SET_ASIDE_MARKER}). "
+                    "Pass the run directory to use its newest intact checkpoint."
+                )
             raise IncompleteCheckpointError(
                 f"checkpoint {uri} has no {spec.COMPLETE_FILE} marker: its write did not finish. "
                 "Pass the run directory to use its newest complete checkpoint."
@@ -617,9 +627,32 @@ def load_checkpoint(
     return Checkpoint(meta, model_state, ema_state, train_state, stats, ckpt_uri, extra)
 
 
+def set_aside_checkpoint(uri: str, storage_options: dict | None = None) -> None:
+    """Take a complete but corrupt checkpoint out of use: rename its ``COMPLETE`` marker to
+    :data:`SET_ASIDE_MARKER` (files kept). Listings then count it as incomplete, so the newest
+    intact checkpoint is the newest again, and pruning removes it once a newer one is complete.
+    Call on one rank only; a marker already gone is left so."""
+    fs, path = uri_lib.get_fs(uri, storage_options)
+    marker = f"{path}/{spec.COMPLETE_FILE}"
+    try:
+        fs.mv(marker, f"{path}/{SET_ASIDE_MARKER}")
+    except FileNotFoundError:
+        pass
+    fs.invalidate_cache(path.rsplit("/", 1)[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Pruning
 # ----------------------------------------------------------------------------------------------
+
+
+def _pinned(uri: str, storage_options: dict | None) -> bool:
+    """Whether a complete checkpoint's meta asks to be kept (``extra.keep``); an unreadable meta
+    does not (the checkpoint is unusable anyway)."""
+    try:
+        return bool((read_meta(uri, storage_options).extra or {}).get("keep"))
+    except (CheckpointError, spec.CheckpointMetaError):
+        return False
 
 
 def prune_checkpoints(
@@ -628,7 +661,9 @@ def prune_checkpoints(
     """Delete old checkpoints; return the URIs removed. Call on one rank only.
 
     Kept: the ``keep_last`` newest complete checkpoints, every complete one whose step is a
-    multiple of ``keep_every`` (0 = none), and always the newest complete one. Removed as well:
+    multiple of ``keep_every`` (0 = none), every complete one whose meta says ``extra.keep`` (a
+    reason, e.g. train-dit's ``train.keep_epochs``: pinned whatever the settings of later runs),
+    and always the newest complete one. Removed as well:
     incomplete ``step-*`` folders older than the newest complete one and hidden temporary folders
     of interrupted local writes for steps up to it. Nothing is removed while no checkpoint is complete.
     """
@@ -644,6 +679,7 @@ def prune_checkpoints(
     keep = {e.step for e in complete[-keep_last:]} | {newest}
     if keep_every:
         keep |= {e.step for e in complete if e.step % keep_every == 0}
+    keep |= {e.step for e in complete if e.step not in keep and _pinned(e.uri, storage_options)}
     doomed = [e.uri for e in entries if (e.complete and e.step not in keep) or (not e.complete and e.step < newest)]
     root_uri = _checkpoints_root(run_dir)
     fs, root = uri_lib.get_fs(root_uri, storage_options)

@@ -20,10 +20,15 @@ The order of samples is a pure function of (seed, epoch, the store's valid mask,
   uninterrupted run, and with another W (dividing P) too. A W that does not divide the saved P
   starts a new partition P' = W at the same samples_seen (see :meth:`LatentLoader.load_state_dict`).
 
-Reading: a map-style dataset whose items are whole chunk reads ``(chunk, orientation, slot)``; a
-DataLoader with workers (each opens its own store client) reads them in the order this rank will
-consume them, each into a slot of a buffer shared with the main process (allocated once: a unit per
-stream, at most one block each, plus the read-ahead), so only small tuples cross processes. On the
+Reading: a map-style dataset whose items are groups of whole chunk reads ``(chunk, orientation,
+slot)``, consecutive pieces of one unit; a DataLoader with workers (each opens its own store client)
+reads the groups in the order this rank will consume them, each chunk into a slot of a buffer
+shared with the main process (allocated once: a unit per stream, at most one block each, plus the
+read-ahead), so only small tuples cross processes. From an object store a worker keeps all the range
+GETs of its group in flight at once, decodes each chunk as its bytes arrive, and starts the GETs of
+the next group it will be given as soon as these are under way (``LatentStore.read_chunks_stored``),
+so the rate does not hang on the request latency; the groups are sized from ``read_ahead_bytes`` and
+the DataLoader hands them back in order, so the batches do not depend on which GET came first. On the
 CPU the workers also convert to float32 and normalize; for other devices slots and batches keep the
 stored dtype (half the bytes) and the device converts and normalizes. The main process assembles
 local batches (in a background thread, ``prefetch_batches`` ahead) by copying rows from the slots
@@ -34,8 +39,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
-import pickle
 import queue
 import sys
 import threading
@@ -45,10 +48,12 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
+from pipeline.config import ConfigError
 from pipeline.store import LatentStore, StoreError
 from schemas import store_v1 as S
+from trainer.data_reads import _STORED_TORCH_DTYPE, ChunkReads, _numpy_view, _ReadOrder, _Slots
 from trainer.normalize import LatentNormalizer
 
 log = logging.getLogger(__name__)
@@ -65,8 +70,14 @@ class LoaderConfig:
     global_batch: samples per optimizer step over all ranks (must divide by num_streams and world size).
     num_workers: DataLoader worker processes per rank reading chunks (0: read in-process).
     block_chunks: chunks whose samples are shuffled together; the per-stream memory bound.
-    prefetch_factor: chunk reads queued per worker (the read-ahead: with too little, workers idle while
-        the assembler serves a block; each costs one chunk buffer).
+    prefetch_factor: groups of chunk reads queued per worker (one being read, the next ready).
+    read_ahead_bytes: chunk bytes (decoded, at the stored dtype) a rank reads ahead of the batches it
+        assembles, in flight or waiting to be served: split into num_workers * prefetch_factor groups
+        (at most a block each). From an object store a worker has the range GETs of its group in
+        flight at once, and those of its next group as soon as these are under way. Memory: one
+        chunk slot per chunk of it (float32 slots on the CPU: twice the stored float16 bytes), and
+        per worker the compressed bytes of its next group. 0: one chunk per item, one GET at a time
+        per worker (the read path before read-ahead).
     num_streams: P, the fixed partition of each epoch (None: the world size of the first run).
         Runs with the same P and global batch see the same global batches whatever the world size.
     seed: seeds the chunk permutation, block shuffles and orientations of every epoch.
@@ -76,10 +87,42 @@ class LoaderConfig:
     global_batch: int = 1024
     num_workers: int = 2
     block_chunks: int = 16
-    prefetch_factor: int = 4
+    prefetch_factor: int = 2
+    # Sized for DiT^DH-XL at 256 px on an H100 with the default layout (8 samples, 3.15 MB decoded /
+    # 2.89 MB at rest per chunk GET): ~0.97 TFLOP per sample fwd+bwd at 40% of 989 TFLOP/s bf16 is
+    # ~410 samples/s = ~51 chunk GETs/s per rank; at 50 ms per request plus ~32 ms to move and decode
+    # a chunk (issue 11's measurement) 51 * 0.082 = ~4.2 GETs must be in flight. 64 MiB = 20 chunks =
+    # groups of 5 for 2 workers x prefetch_factor 2; a worker has its group's GETs and its next
+    # group's in flight: up to 20 per rank, 2-4x the need (latency tails, ragged group ends, one
+    # worker decoding while the other waits). Slots: 5 groups of 5 beside the blocks served, ~80 MB
+    # (float16; ~160 MB of float32 slots on the CPU).
+    read_ahead_bytes: int = 64 * 2**20
     num_streams: int | None = None
     seed: int = 0
     prefetch_batches: int = 1
+
+
+class LoaderConfigError(ConfigError):
+    """Loader settings that cannot work (with this world size or store); names the ``data.*`` key."""
+
+
+def check_loader_config(cfg: LoaderConfig, prefix: str = "data.", world_size: int = 1) -> list[str]:
+    """Problems with the values (each names its key as ``prefix`` + field) for ``world_size``
+    ranks; empty when fine. What also needs the store is checked when the loader is built."""
+    problems = []
+    for key, low in (("global_batch", 1), ("block_chunks", 1), ("num_workers", 0), ("prefetch_factor", 1),
+                     ("prefetch_batches", 0), ("seed", 0), ("read_ahead_bytes", 0)):
+        if getattr(cfg, key) < low:
+            problems.append(f"{prefix}{key} must be >= {low}, got {getattr(cfg, key)}")
+    if cfg.global_batch >= 1 and cfg.global_batch % world_size:
+        problems.append(f"{prefix}global_batch {cfg.global_batch} is not divisible by the world size {world_size}")
+    if cfg.num_streams is not None:
+        if cfg.num_streams < 1:
+            problems.append(f"{prefix}num_streams must be >= 1 (or null: the world size), got {cfg.num_streams}")
+        elif cfg.global_batch >= 1 and cfg.global_batch % cfg.num_streams:
+            problems.append(f"{prefix}global_batch {cfg.global_batch} is not divisible by "
+                            f"{prefix}num_streams {cfg.num_streams}")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,9 +253,8 @@ class _Order:
 
 
 # --------------------------------------------------------------------------------------------
-# reading chunks (in DataLoader workers) into slots shared with the main process
-
-_STORED_TORCH_DTYPE = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+# reading chunks (in DataLoader workers) into slots shared with the main process: trainer.data_reads;
+# how the workers start
 
 
 def worker_start_method(num_workers: int) -> str | None:
@@ -224,104 +266,6 @@ def worker_start_method(num_workers: int) -> str | None:
     if num_workers == 0 or "ray" not in sys.modules:
         return None
     return "forkserver" if sys.modules["ray"].is_initialized() else None
-
-
-def _numpy_view(t: torch.Tensor) -> np.ndarray:
-    """A numpy view of a contiguous CPU tensor; bfloat16 (no numpy dtype) as its uint16 bit patterns."""
-    if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
-
-
-class _Slots:
-    """``count`` chunk buffers [count, k, C, H, W], allocated once per DataLoader (in shared memory
-    when workers read): a read names the free slot it fills, the assembler gathers rows from the
-    slots and frees a unit's slots once the unit is served. Reads then move no tensor between
-    processes and touch no fresh memory. Free-list calls come from one thread (the assembler: the
-    DataLoader draws indices from :class:`_ReadOrder` in the thread that asks it for the next read).
-    """
-
-    def __init__(self, count: int, chunk_shape: tuple[int, ...], dtype: torch.dtype, shared: bool):
-        self.count = count
-        self.buffers = torch.empty((count,) + tuple(chunk_shape), dtype=dtype)
-        if shared:
-            self.buffers.share_memory_()
-        self.rows = _numpy_view(self.buffers).reshape((count * chunk_shape[0],) + tuple(chunk_shape[1:]))
-        self._free: list[int] = []
-        self.reset()
-
-    def reset(self) -> None:
-        self._free = list(range(self.count - 1, -1, -1))
-
-    def take(self) -> int:
-        if not self._free:
-            raise RuntimeError(f"latent loader: all {self.count} chunk slots are in use (a bug: the read-ahead "
-                               "and the blocks held should fit)")
-        return self._free.pop()
-
-    def give(self, slots: list[int]) -> None:
-        self._free.extend(slots)
-
-
-class ChunkReads(Dataset):
-    """Items are whole chunk reads ``(chunk, flip, slot)``: chunk ``chunk`` of ``latents`` (or
-    ``latents_flip``) is written into ``slots[slot]``; the item returns (chunk, flip, slot, rows).
-
-    slots: [count, k, C, H, W]. Float32 slots with ``shift`` and ``scale`` (float32, broadcasting to
-    [C, H, W]) receive (z - shift) / scale, the normalizer's float32 ops; slots of the store's dtype
-    receive the stored values unchanged. Each process reads through its own store client."""
-
-    def __init__(self, store: LatentStore, slots: torch.Tensor, shift: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None):
-        if (shift is None) != (scale is None) or (shift is not None and slots.dtype != torch.float32):
-            raise ValueError("ChunkReads: normalization needs both shift and scale, and float32 slots")
-        self.store, self.slots, self.shift, self.scale = store, slots, shift, scale
-        self._stored_dtype = _STORED_TORCH_DTYPE[store.logical_dtype]
-        if slots.dtype not in (self._stored_dtype, torch.float32):
-            raise ValueError(f"ChunkReads: slots of {slots.dtype} for a {store.logical_dtype} store")
-        self._pid = os.getpid()
-        self._scratch: torch.Tensor | None = None  # stored-dtype chunk, when the slots are float32
-
-    def _store(self) -> LatentStore:
-        if self._pid != os.getpid():
-            # A forked worker inherits the parent's clients (zarr, s3fs sessions): open fresh ones.
-            self.store = pickle.loads(pickle.dumps(self.store))
-            self._pid = os.getpid()
-        return self.store
-
-    def __len__(self) -> int:
-        return self.store.num_chunks
-
-    def __getitem__(self, item: tuple[int, bool, int]) -> tuple[int, bool, int, int]:
-        chunk, flip, slot = int(item[0]), bool(item[1]), int(item[2])
-        store, dst = self._store(), self.slots[slot]
-        array = S.LATENTS_FLIP if flip else S.LATENTS
-        if dst.dtype == self._stored_dtype:
-            n = len(store.read_chunk_stored(chunk, array, out=_numpy_view(dst)))
-        else:
-            if self._scratch is None:
-                self._scratch = torch.empty(dst.shape, dtype=self._stored_dtype)
-            n = len(store.read_chunk_stored(chunk, array, out=_numpy_view(self._scratch)))
-            dst[:n].copy_(self._scratch[:n])  # to float32, exact; torch's conversion is vectorized, numpy's not
-        if self.shift is not None:
-            dst[:n].sub_(self.shift).div_(self.scale)  # LatentNormalizer.normalize_'s ops, bit for bit
-        return chunk, flip, slot, n
-
-
-class _ReadOrder(Sampler):
-    """The lazily generated chunk reads ``(chunk, flip, slot)`` of this rank from the loader's position
-    at iteration start, each with a free slot to fill."""
-
-    def __init__(self, loader: "LatentLoader", slots: _Slots):
-        self.loader, self.slots = loader, slots
-
-    def __iter__(self):
-        # Runs on the first index the DataLoader draws, after its reset: no read of an earlier
-        # iteration is still writing, so every slot is free.
-        self.slots.reset()
-        for u in self.loader._schedule():
-            for c, f in zip(u.chunks.tolist(), u.flips.tolist()):
-                yield (c, f, self.slots.take())
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,11 +409,11 @@ class LatentLoader:
         self._check_config()
         self.num_valid = int(self.store.valid().sum())
         if self.num_valid == 0:
-            raise ValueError(f"store {self.store.uri} has no valid samples")
+            raise StoreError(f"store {self.store.uri} has no valid samples")
         self.normalizer = normalizer if normalizer is not None else LatentNormalizer.from_store(self.store)
         self.normalizer.check_shape(self.store.latent_shape)
         num_streams = cfg.num_streams if cfg.num_streams is not None else self.world_size
-        self._check_streams(num_streams, "loader.num_streams")
+        self._check_streams(num_streams, "data.num_streams" if cfg.num_streams is not None else "the world size")
         self.seed, self.block_chunks = cfg.seed, cfg.block_chunks
         self._order = self._make_order(num_streams, origin=0)
         self.samples_seen = 0
@@ -487,25 +431,23 @@ class LatentLoader:
 
     # -- checks and facts
     def _check_config(self) -> None:
+        """LoaderConfigError (a UserError naming the ``data.*`` key) for settings that cannot work."""
         c, w = self.cfg, self.world_size
         if w < 1 or not 0 <= self.rank < w:
-            raise ValueError(f"rank {self.rank} is not in [0, world_size={w})")
-        for name, low in (("global_batch", 1), ("block_chunks", 1), ("num_workers", 0), ("prefetch_factor", 1),
-                          ("prefetch_batches", 0), ("seed", 0)):
-            if getattr(c, name) < low:
-                raise ValueError(f"loader.{name} must be >= {low}, got {getattr(c, name)}")
-        if c.global_batch % w:
-            raise ValueError(f"loader.global_batch {c.global_batch} is not divisible by the world size {w}")
+            raise ValueError(f"rank {self.rank} is not in [0, world_size={w})")  # the caller's bug
+        problems = check_loader_config(c, world_size=w)
+        if problems:
+            raise LoaderConfigError(problems[0])
 
     def _check_streams(self, p: int, what: str) -> None:
         if p < 1:
-            raise ValueError(f"{what} must be >= 1, got {p}")
+            raise LoaderConfigError(f"{what} must be >= 1, got {p}")
         if p % self.world_size:
-            raise ValueError(f"{what} {p} is not a multiple of the world size {self.world_size}")
+            raise LoaderConfigError(f"{what} {p} is not a multiple of the world size {self.world_size}")
         if self.cfg.global_batch % p:
-            raise ValueError(f"loader.global_batch {self.cfg.global_batch} is not divisible by {what} {p}")
+            raise LoaderConfigError(f"data.global_batch {self.cfg.global_batch} is not divisible by {what} {p}")
         if p > self.num_valid:
-            raise ValueError(f"{what} {p} exceeds the store's {self.num_valid} valid samples")
+            raise LoaderConfigError(f"{what} {p} exceeds the store's {self.num_valid} valid samples")
 
     def _make_order(self, num_streams: int, origin: int) -> _Order:
         return _Order(self.store.valid(), self.store.samples_per_chunk, self.block_chunks, self.seed,
@@ -602,10 +544,26 @@ class LatentLoader:
         o = self._order
         return o.schedule(self.streams, o.stream_position(self._iter_start), self.cfg.global_batch // o.P)
 
+    @property
+    def chunk_bytes(self) -> int:
+        """Bytes of one whole chunk as stored, decoded (what ``read_ahead_bytes`` counts)."""
+        itemsize = np.dtype(S.STORAGE_DTYPE[self.store.logical_dtype]).itemsize
+        return self.store.samples_per_chunk * int(np.prod(self.store.latent_shape)) * itemsize
+
+    @property
+    def reads_per_group(self) -> int:
+        """Chunk reads per DataLoader item, at most: ``read_ahead_bytes`` over the groups queued
+        (num_workers * prefetch_factor; one group in-process), between 1 and a block."""
+        ahead = self.cfg.read_ahead_bytes // self.chunk_bytes
+        groups = self.cfg.num_workers * self.cfg.prefetch_factor or 1
+        return int(min(max(1, ahead // groups), self.block_chunks))
+
     def _slots_needed(self) -> int:
-        """Chunks read but not yet served, at most: a unit per stream (<= one block) and the read-ahead."""
+        """Chunks read but not yet served, at most: a unit per stream (<= one block), the groups
+        queued to the workers and the group just handed over."""
         per_unit = min(self.block_chunks, self.store.num_chunks)
-        return len(self.streams) * per_unit + self.cfg.num_workers * self.cfg.prefetch_factor
+        queued = self.cfg.num_workers * self.cfg.prefetch_factor + 1
+        return len(self.streams) * per_unit + queued * self.reads_per_group
 
     def _reads(self) -> Iterator:
         if self._dataloader is not None and self._slots.count < self._slots_needed():
@@ -622,7 +580,8 @@ class LatentLoader:
             self._dataloader = DataLoader(
                 ChunkReads(self.store, self._slots.buffers, shift, scale),
                 batch_size=None,
-                sampler=_ReadOrder(self, self._slots),
+                sampler=_ReadOrder(self, self._slots, self.reads_per_group,
+                                   max(1, w) if self.cfg.read_ahead_bytes else 0),
                 num_workers=w,
                 prefetch_factor=self.cfg.prefetch_factor if w > 0 else None,
                 persistent_workers=w > 0,
@@ -635,6 +594,7 @@ class LatentLoader:
         the stored dtype (in pinned memory on CUDA)."""
         schedule, reads = self._schedule(), self._reads()
         slots = self._slots
+        pending: collections.deque = collections.deque()  # reads handed over, not yet in a cursor
         cursors = {p: _Cursor() for p in self.streams}
         per_stream, spc = self.cfg.global_batch // self.num_streams, self.store.samples_per_chunk
         shape = (self.local_batch,) + tuple(self.store.latent_shape)
@@ -658,7 +618,9 @@ class LatentLoader:
                         unit = next(schedule)
                         if unit.stream != p:
                             raise RuntimeError(f"load schedule out of step: stream {unit.stream}, expected {p}")
-                        cur.load(unit, [next(reads) for _ in range(len(unit.chunks))], spc, self._labels)
+                        while len(pending) < len(unit.chunks):
+                            pending.extend(next(reads))  # a group: part of this unit
+                        cur.load(unit, [pending.popleft() for _ in range(len(unit.chunks))], spc, self._labels)
                         self.chunks_held += cur.num_chunks
                         self.max_chunks_held = max(self.max_chunks_held, self.chunks_held)
                     m = min(need, cur.remaining)

@@ -18,10 +18,16 @@ import torch_fidelity
 
 from pipeline import uri as U
 from trainer.metrics.errors import EvaluationError
-from trainer.metrics.fid import ISC_SHUFFLE_SEED, frechet_distance_from_features, inception_score, precision_recall
+from trainer.metrics.fid import (
+    ADM_ISC_SPLIT_SIZE, ISC_SHUFFLE_SEED, frechet_distance_from_features, inception_score, precision_recall,
+)
 from trainer.metrics.images import check_images, read_npz_images
 from trainer.metrics.inception import SPATIAL_CHANNELS, InceptionExtractor, inception_features, load_inception
 from trainer.metrics.reference import ReferenceStats, load_reference
+
+# How the Inception Score splits the samples: "shuffle" (torch-fidelity: isc_splits equal parts
+# after a seeded shuffle) or "adm" (the ADM evaluator: consecutive 5,000-sample chunks in file order).
+ISC_SPLIT_MODES = ("shuffle", "adm")
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,11 +36,12 @@ from trainer.metrics.reference import ReferenceStats, load_reference
 def compute_metrics(
     samples: Any, ref: str | Mapping[str, np.ndarray] | ReferenceStats, *, extractor: InceptionExtractor | None = None,
     weights: str = "hub", device: str | torch.device | None = "cpu", batch_size: int = 64, k: int = 3,
-    isc_splits: int = 10, verbose: bool = False,
+    isc_splits: int = 10, isc_split_mode: str = "shuffle", verbose: bool = False,
 ) -> dict:
     """FID, sFID, IS, precision and recall of ``samples`` (uint8 [N, H, W, 3], or the path/URI of
     an ADM ``.npz``) against ``ref`` (see :func:`load_reference`). ``extractor`` defaults to
-    ``load_inception(weights, device)``.
+    ``load_inception(weights, device)``. ``isc_split_mode``: one of :data:`ISC_SPLIT_MODES`
+    (``isc_splits`` applies to "shuffle"); the reference's own IS uses the same convention.
 
     Returns a JSON-ready dict: ``fid``, ``sfid`` (None without spatial reference statistics),
     ``inception_score_mean``/``_std``, ``precision``/``recall`` (None without reference features),
@@ -43,6 +50,8 @@ def compute_metrics(
     ``comparable_to_published`` and ``settings``; plus ``warning`` when the weights are not the
     reference ones.
     """
+    if isc_split_mode not in ISC_SPLIT_MODES:
+        raise EvaluationError(f"Inception Score split mode {isc_split_mode!r} is not one of {list(ISC_SPLIT_MODES)}")
     if extractor is None:
         extractor, _ = load_inception(weights, device)
     samples_uri = U.normalize(samples) if isinstance(samples, str) else None
@@ -58,13 +67,14 @@ def compute_metrics(
     sfid = None
     if reference.mu_s is not None:
         sfid = frechet_distance_from_features(feats["spatial"], reference.mu_s, reference.sigma_s)
-    is_mean, is_std = inception_score(feats["logits_unbiased"], splits=isc_splits)
+    split_kw = {"split_size": ADM_ISC_SPLIT_SIZE} if isc_split_mode == "adm" else {"splits": isc_splits}
+    is_mean, is_std = inception_score(feats["logits_unbiased"], **split_kw)
     precision = recall = None
     if reference.pool is not None:
         precision, recall = precision_recall(reference.pool, feats["pool"], k, device=extractor.device)
     ref_is = None
     if reference.logits_unbiased is not None:
-        ref_is = inception_score(reference.logits_unbiased, splits=isc_splits)[0]
+        ref_is = inception_score(reference.logits_unbiased, **split_kw)[0]
 
     info = extractor.info
     comparable = bool(info["reference_weights"])
@@ -90,8 +100,11 @@ def compute_metrics(
         "settings": {
             "precision_recall_k": k,
             "precision_recall_features": "pool (2048)",
-            "isc_splits": min(isc_splits, len(images)),
-            "isc_shuffle_seed": ISC_SHUFFLE_SEED,
+            "isc_split_mode": isc_split_mode,
+            "isc_splits": (-(-len(images) // ADM_ISC_SPLIT_SIZE) if isc_split_mode == "adm"
+                           else min(isc_splits, len(images))),
+            "isc_split_size": ADM_ISC_SPLIT_SIZE if isc_split_mode == "adm" else None,
+            "isc_shuffle_seed": ISC_SHUFFLE_SEED if isc_split_mode == "shuffle" else None,
             "sfid_features": f"Mixed_6d.branch1x1[:{SPATIAL_CHANNELS}] (TF mixed_6/conv), HWC order",
             "torch": torch.__version__,
             "torch_fidelity": torch_fidelity.__version__,

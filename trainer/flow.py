@@ -51,8 +51,8 @@ def sample_train_times(
 ) -> torch.Tensor:
     """n training times, float32 [n] on `device`: draw, clip to [0, 0.999], then shift by alpha.
 
-    dist "logit_normal": sigmoid(N(loc, scale^2)) (the paper's); "uniform": U(0, 1) (older reference
-    code). Draws happen on the generator's device when one is given (so a CPU generator reproduces
+    dist "logit_normal": sigmoid(N(loc, scale^2)) (the paper's and the released training configs');
+    "uniform": U(0, 1) (an early version of those configs). Draws happen on the generator's device when one is given (so a CPU generator reproduces
     the same times on any device), then move to `device`.
     """
     draw_device = generator.device if generator is not None else device

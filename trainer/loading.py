@@ -6,6 +6,13 @@ reconstruction, rFID and train-dit's preview grids share (none of those stages i
 - :func:`check_decoder_reads`, :func:`check_compatible`, :func:`check_decoder_for_store`: refuse a
   decoder, DiT or AutoGuidance model made for other latents (encoder identities compared with
   ``schemas.store_v1.encoder_mismatch``; shapes).
+
+Unknown identities. A checkpoint records no encoder identity when it was trained on a synthetic
+store or imported with ``import-rae --encoder none`` (a model whose width is none of our encoders').
+Sampling and rFID accept such a DiT or decoder when the latent shapes match, and the checks return
+a one-line note saying that no identity could be checked (the caller prints it). Reconstruction
+against a store, which does know its encoder, accepts an unknown decoder only when it was imported
+with ``--encoder none`` (the user vouched for it); a decoder trained on a synthetic store is refused.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from torch import nn
 from schemas.errors import UserError
 from schemas.store_v1 import encoder_identity, encoder_mismatch
 from trainer.flow import shift_alpha
-from trainer.normalize import LatentNormalizer
+from trainer.normalize import STATS_MODES, LatentNormalizer
 
 if TYPE_CHECKING:
     from pipeline.store import LatentStore
@@ -48,6 +55,7 @@ class LoadedDiT:
     normalizer: LatentNormalizer | None  # None: the model was trained on raw latents
     encoder: dict | None  # encoder identity of the latents it was trained on
     step: int
+    stats_mode: str = "mean_var"  # how it used its statistics (trainer.normalize.STATS_MODES)
 
 
 @dataclass
@@ -64,6 +72,7 @@ class LoadedDecoder:
     encoder: dict | None
     allow_token_resize: bool
     step: int = 0  # the checkpoint's step
+    imported_without_encoder: bool = False  # import-rae --encoder none: no identity, on the user's word
 
 
 def _load(uri: str, weights: str, classes: Sequence[str], what: str, storage_options: dict | None):
@@ -111,13 +120,30 @@ def checkpoint_shift_alpha(meta) -> tuple[float, str]:
     return shift_alpha(shape, 4096), f"latent shape {list(shape)}, base 4096"
 
 
+def checkpoint_stats_mode(meta, uri: str = "") -> str:
+    """How a DiT checkpoint normalized its latents (one of ``STATS_MODES``): meta.extra.stats_mode
+    (train-dit records it), else its config's data.stats_mode, else "mean_var" (checkpoints written
+    before the mode existed, and imports: whatever statistics they carry, used as they are)."""
+    extra = meta.extra or {}
+    if extra.get("stats_mode") is not None:
+        mode = extra["stats_mode"]
+    else:
+        data = meta.config.get("data") if isinstance(meta.config, dict) else None
+        mode = data.get("stats_mode", "mean_var") if isinstance(data, dict) else "mean_var"
+    if mode not in STATS_MODES:
+        raise LoadError(f"DiT checkpoint {uri} records statistics mode {mode!r}, not one of {list(STATS_MODES)}")
+    return mode
+
+
 def load_dit(uri: str, *, weights: str = "ema", stats: str | None = None, device: str | torch.device = "cpu",
              storage_options: dict | None = None) -> LoadedDiT:
     """A DiT^DH / DiT checkpoint (checkpoint or run directory) with its shift and statistics.
 
     stats: a statistics file (``--stats``: .safetensors, .npz or stat.pt) replacing the checkpoint's.
     The checkpoint's own statistics are ``stats.safetensors`` (absent mean = 0, absent var = 1); a
-    checkpoint without any samples raw latents (no denormalization).
+    checkpoint without any samples raw latents (no denormalization). Either is used in the
+    checkpoint's statistics mode (:func:`checkpoint_stats_mode`): a "var" model ignores the mean
+    of a ``stats`` file, as it was trained.
     """
     model, ck, used, sha = _load(uri, weights, DIT_CLASSES, "DiT checkpoint", storage_options)
     shape = checkpoint_latent_shape(ck.meta)
@@ -126,6 +152,7 @@ def load_dit(uri: str, *, weights: str = "ema", stats: str | None = None, device
         raise LoadError(f"DiT checkpoint {ck.uri}: its store's latents are {list(shape)} but the model reads "
                           f"{conf['in_channels']} x {conf['input_size']} x {conf['input_size']}")
     alpha, alpha_source = checkpoint_shift_alpha(ck.meta)
+    stats_mode = checkpoint_stats_mode(ck.meta, ck.uri)
     if stats is not None:
         try:
             normalizer = LatentNormalizer.from_file(stats, storage_options)
@@ -136,13 +163,14 @@ def load_dit(uri: str, *, weights: str = "ema", stats: str | None = None, device
     else:
         normalizer = None
     if normalizer is not None:
+        normalizer = normalizer.with_mode(stats_mode)
         try:
             normalizer.check_shape(shape)
         except ValueError as e:
             raise LoadError(f"{e} (DiT checkpoint {ck.uri})") from None
         normalizer.to(device)
     return LoadedDiT(model.to(device), ck.uri, used, sha, shape, int(conf["num_classes"]), alpha, alpha_source,
-                     normalizer, ck.meta.encoder, ck.step)
+                     normalizer, ck.meta.encoder, ck.step, stats_mode)
 
 
 def load_decoder(uri: str, *, weights: str = "ema", device: str | torch.device = "cpu",
@@ -152,14 +180,31 @@ def load_decoder(uri: str, *, weights: str = "ema", device: str | torch.device =
     conf = model.config
     grid = math.isqrt(conf.num_tokens)
     return LoadedDecoder(model.to(device), ck.uri, used, sha, conf.in_channels, grid, grid * conf.patch_size,
-                         ck.meta.encoder, bool(conf.allow_token_resize), ck.step)
+                         ck.meta.encoder, bool(conf.allow_token_resize), ck.step,
+                         imported_without_encoder=imported_without_encoder(ck.meta))
+
+
+def imported_without_encoder(meta) -> bool:
+    """Whether a checkpoint was imported (``import-rae``) with no encoder named (``--encoder none``)."""
+    return meta.encoder is None and isinstance(meta.extra, dict) and "imported" in meta.extra
+
+
+def _unchecked_note(models: list[tuple[str, dict | None]], shape: tuple[int, int, int]) -> str | None:
+    """The note saying which of the (model, encoder identity) pairs record no identity, or None."""
+    unknown = [what for what, identity in models if identity is None]
+    if not unknown:
+        return None
+    c, h, w = shape
+    return (f"no encoder identity could be checked: {' and '.join(unknown)} record{'s' if len(unknown) == 1 else ''} "
+            f"none (imported with --encoder none, or trained on a synthetic store); only the latent shapes "
+            f"({c} x {h} x {w}) were checked")
 
 
 def check_decoder_reads(decoder: LoadedDecoder, latent_shape: tuple[int, int, int], what: str,
-                        encoder: dict | None) -> None:
+                        encoder: dict | None) -> str | None:
     """LoadError unless ``decoder`` decodes latents of ``latent_shape`` made by ``encoder``
     (identities compared with ``schemas.store_v1.encoder_mismatch``: name, arch, input size;
-    weight hashes when both are known)."""
+    weight hashes when both are known). Returns a note when an identity is unknown (module docstring)."""
     why = encoder_mismatch(encoder, decoder.encoder)
     if why:
         raise LoadError(f"decoder {decoder.uri} and {what} come from different encoders ({why}): the decoder "
@@ -168,14 +213,17 @@ def check_decoder_reads(decoder: LoadedDecoder, latent_shape: tuple[int, int, in
     if c != decoder.in_channels or ((h, w) != (decoder.grid, decoder.grid) and not decoder.allow_token_resize):
         raise LoadError(f"decoder {decoder.uri} reads {decoder.in_channels} x {decoder.grid} x {decoder.grid} "
                           f"latents; {what} has {c} x {h} x {w}")
+    return _unchecked_note([(what, encoder), (f"decoder {decoder.uri}", decoder.encoder)], latent_shape)
 
 
-def check_compatible(dit: LoadedDiT, decoder: LoadedDecoder, weak: LoadedDiT | None = None) -> None:
+def check_compatible(dit: LoadedDiT, decoder: LoadedDecoder, weak: LoadedDiT | None = None) -> str | None:
     """The decoder must decode the DiT's latents; an AutoGuidance model must generate the same
-    latents (encoder, shape) for the same classes."""
+    latents (encoder, shape) for the same classes. Returns a one-line note when a model records no
+    encoder identity (then only the shapes were checked), else None."""
     check_decoder_reads(decoder, dit.latent_shape, f"DiT {dit.uri}", dit.encoder)
+    models = [(f"DiT {dit.uri}", dit.encoder), (f"decoder {decoder.uri}", decoder.encoder)]
     if weak is None:
-        return
+        return _unchecked_note(models, dit.latent_shape)
     why = encoder_mismatch(dit.encoder, weak.encoder)
     if why:
         raise LoadError(f"AutoGuidance model {weak.uri} and DiT {dit.uri} come from different encoders ({why})")
@@ -184,18 +232,34 @@ def check_compatible(dit: LoadedDiT, decoder: LoadedDecoder, weak: LoadedDiT | N
             f"AutoGuidance model {weak.uri} generates {list(weak.latent_shape)} latents for {weak.num_classes} "
             f"classes; DiT {dit.uri}: {list(dit.latent_shape)} for {dit.num_classes}: they must agree"
         )
+    if weak.stats_mode != dit.stats_mode:  # the two would predict velocities in different latent spaces
+        raise LoadError(
+            f"AutoGuidance model {weak.uri} was trained with statistics mode {weak.stats_mode}; DiT {dit.uri} with "
+            f"{dit.stats_mode}: guidance needs both in one normalized space (train the weak model with "
+            f"--stats-mode {dit.stats_mode})"
+        )
+    return _unchecked_note(models + [(f"AutoGuidance model {weak.uri}", weak.encoder)], dit.latent_shape)
 
 
-def check_decoder_for_store(theirs: dict | None, ckpt_uri: str, store: "LatentStore") -> None:
+def check_decoder_for_store(theirs: dict | None, ckpt_uri: str, store: "LatentStore", *,
+                            imported_without_encoder: bool = False) -> str | None:
     """Refuse a decoder (encoder identity ``theirs``) trained on another encoder's latents than
-    ``store``'s, or on unknown ones."""
+    ``store``'s, or on unknown ones, unless it was imported with ``--encoder none``
+    (``imported_without_encoder``): then the note saying that no identity could be checked is
+    returned (the caller checks the shapes). None when the identities agree."""
     ours = encoder_identity(store.spec)
     if ours is None:
         raise LoadError(f"store {store.uri} records no encoder (a synthetic store): no decoder applies to it")
     if theirs is None:
+        if imported_without_encoder:
+            return (f"no encoder identity could be checked: decoder {ckpt_uri} was imported with --encoder none; "
+                    f"store {store.uri} was encoded by {ours['name']} ({ours['arch']}); only the latent shapes "
+                    "were checked")
         raise LoadError(f"decoder {ckpt_uri} records no encoder identity (trained on a synthetic store?); "
-                               f"store {store.uri} was encoded by {ours['name']} ({ours['arch']})")
+                               f"store {store.uri} was encoded by {ours['name']} ({ours['arch']}). Only a decoder "
+                               "imported with `import-rae --encoder none` is taken on trust")
     why = encoder_mismatch(theirs, ours)
     if why:
         raise LoadError(f"decoder {ckpt_uri} was trained on latents of another encoder than store {store.uri}'s "
                                f"({why}): decoder {theirs}, store {ours}")
+    return None

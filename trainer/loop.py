@@ -5,8 +5,9 @@ data, what a step computes, what a checkpoint holds). The base does the rest, th
 every stage::
 
     setup    _init_run()            process group (torchrun) and device, run directory URI
-             resume_checkpoint()    the run directory's newest complete checkpoint, checked: same
-                                    checkpoint kind, same store id (else TrainError)
+             load_resume_checkpoint()  the run directory's newest complete checkpoint that loads
+                                    intact, checked: same checkpoint kind, same store id (else
+                                    TrainError); a corrupt newer one is set aside with a warning
              _start_logging()       RunLogger (metrics.jsonl, TensorBoard, progress), config.json
                                     (and which keys changed since the last run), the announcement
     loop     train()                batch (timed as data wait) -> run_step -> every rank agrees on
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import signal
 from typing import Any, ClassVar, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -40,12 +42,26 @@ from pipeline import uri as uri_lib
 from pipeline.config import ConfigError, from_dict, to_dict
 from schemas.errors import UserError
 from trainer import distributed
-from trainer.checkpoint import list_checkpoints, prune_checkpoints, read_meta, save_checkpoint
+from trainer.checkpoint import (
+    SET_ASIDE_MARKER,
+    Checkpoint,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    read_meta,
+    save_checkpoint,
+    set_aside_checkpoint,
+)
 from trainer.runlog import RunLogger, SigtermHandler, StepTimer
 
 T = TypeVar("T")
 
 CONFIG_FILE = "config.json"
+# Exit code of train-dit / fit-decoder stopped by SIGTERM after saving (the shell's 128 + SIGTERM):
+# non-zero, so `train-dit ... && sample ...` does not go on with an unfinished model.
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 LAST_VALUE_KEYS = ("lr", "disc_lr")  # logged as their value at the window's last step, not a mean
 
 
@@ -145,7 +161,7 @@ class TrainLoop:
     """Run directory, resume, logging, the loop, checkpoints and SIGTERM for one stage's trainer.
 
     The subclass's ``__init__`` calls, in order: :meth:`_init_run`, its own setup (store, model, ...,
-    using :meth:`resume_checkpoint`), then :meth:`_start_logging`. It must set ``self.step`` (the
+    using :meth:`load_resume_checkpoint`), then :meth:`_start_logging`. It must set ``self.step`` (the
     optimizer steps taken, resumed ones included), ``self.total_steps``, ``self.resumed_from``,
     ``self.loader`` (iterable batches with ``samples_seen``, ``epoch`` and ``close()``) and
     ``self.train_model`` (the module the loop trains, DDP-wrapped or not).
@@ -169,13 +185,43 @@ class TrainLoop:
         self.device = self.dist.device
         self.run_dir = uri_lib.normalize(run_dir)
 
-    def resume_checkpoint(self, store) -> str | None:
-        """URI of the checkpoint this run continues (the run directory's newest complete one, of this
-        stage and store), None for a fresh run directory."""
-        uri = newest_checkpoint(self.run_dir, self.so)
-        if uri is not None:
-            check_resume(read_meta(uri, self.so), store, self.run_dir, self.KIND)
-        return uri
+    def load_resume_checkpoint(self, store) -> Checkpoint | None:
+        """The checkpoint this run continues, loaded onto the device with its training state: the run
+        directory's newest complete checkpoint (of this stage and store) that reads intact; None for a
+        fresh run directory.
+
+        A complete checkpoint that does not read back (a file missing, unreadable or not matching its
+        hash) is skipped for the next older one and, by rank 0, set aside (its ``COMPLETE`` marker
+        renamed, files kept for inspection) so that nothing else uses it: pruning, ``sample`` and the
+        next resume see the older one as the newest. Each one set aside is reported as a warning line
+        when logging starts. TrainError when checkpoints exist but none is intact (also on the runs
+        after: a run directory whose checkpoints were all set aside is not silently restarted)."""
+        self.resume_warnings: list[str] = []
+        corrupt: list[str] = []
+        entries = [e for e in list_checkpoints(self.run_dir, self.so) if e.complete]
+        for entry in reversed(entries):
+            try:
+                check_resume(read_meta(entry.uri, self.so), store, self.run_dir, self.KIND)
+                return load_checkpoint(entry.uri, map_location=self.device, storage_options=self.so)
+            except IncompleteCheckpointError:
+                continue  # set aside by rank 0 between our listing and reading it
+            except CorruptCheckpointError as e:
+                corrupt.append(entry.uri)
+                if self.dist.is_main:
+                    set_aside_checkpoint(entry.uri, self.so)
+                self.resume_warnings.append(
+                    f"warning: {e}; set aside (its COMPLETE marker renamed to {SET_ASIDE_MARKER}), "
+                    "resuming from the newest intact checkpoint before it"
+                )
+        if not corrupt:  # set aside by an earlier run (its listing shows them as incomplete)
+            corrupt = [e.uri for e in list_checkpoints(self.run_dir, self.so)
+                       if not e.complete and uri_lib.exists(uri_lib.join(e.uri, SET_ASIDE_MARKER), self.so)]
+        if corrupt:
+            raise TrainError(
+                f"run directory {self.run_dir} has no intact checkpoint to resume from (corrupt, set aside: "
+                f"{', '.join(u.rsplit('/', 1)[-1] for u in corrupt)}); use a new --run-dir"
+            )
+        return None
 
     def _start_logging(self) -> None:
         """The run's logger (metrics cut back to the resumed step), config.json, the announcement."""
@@ -185,6 +231,8 @@ class TrainLoop:
         self.last_saved = self.step if self.resumed_from else None
         self._write_config()
         self.logger.info(self.describe_run())
+        for line in getattr(self, "resume_warnings", ()):
+            self.logger.info(line)
         if self.resumed_from:
             self.logger.info(f"resuming from checkpoint {self.resumed_from} at step {self.step} "
                              f"(epoch {self.epoch:.3f}, {self.samples_seen} samples seen)")
@@ -311,6 +359,7 @@ class TrainLoop:
 
 
 __all__ = [
-    "CONFIG_FILE", "TrainError", "TrainLoop", "check_resume", "check_steps", "diff_keys", "float32_matmul_precision",
-    "mix_seed", "newest_checkpoint", "read_run_config", "store_meta", "total_steps", "window_means",
+    "CONFIG_FILE", "SIGTERM_EXIT_CODE", "TrainError", "TrainLoop", "check_resume", "check_steps", "diff_keys",
+    "float32_matmul_precision", "mix_seed", "newest_checkpoint", "read_run_config", "store_meta", "total_steps",
+    "window_means",
 ]

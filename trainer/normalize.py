@@ -14,6 +14,12 @@ from schemas import store_v1 as S
 from schemas.errors import UserError
 
 
+# Which statistics normalize a DiT's latents: "mean_var" (z - mean) / sqrt(var + eps), the default
+# and what checkpoints that record no mode used; "var" z / sqrt(var + eps) (mean taken as zero), as
+# the released DiT^DH-XL was trained (the released DINOv2-B stat.pt holds the variance only).
+STATS_MODES = ("mean_var", "var")
+
+
 class StatsFileError(UserError, ValueError):
     """Latent statistics that cannot be used (missing or unreadable file, wrong keys or shapes); names the file."""
 
@@ -148,9 +154,19 @@ class LatentNormalizer:
         """The present statistics as float32 CPU tensors ({"mean"?, "var"?}), the reference `stat.pt` layout."""
         return {k: t.clone() for k, t in (("mean", self.mean), ("var", self.var)) if t is not None}
 
+    def with_mode(self, mode: str) -> "LatentNormalizer":
+        """These statistics as ``mode`` (one of :data:`STATS_MODES`) uses them: "mean_var" returns
+        ``self``; "var" a normalizer with the variance alone (mean zero; var 1 where none is given)."""
+        if mode not in STATS_MODES:
+            raise StatsFileError(f"statistics mode {mode!r} is not one of {list(STATS_MODES)}")
+        if mode == "mean_var" or self.mean is None:
+            return self
+        var = None if self.var is None else self.var.numpy()
+        return LatentNormalizer(None, var, self.eps, source=self.source).to(self._scale.device)
+
     def describe(self) -> dict:
         """For checkpoint metadata: {"mean": bool, "var": bool, "source": str}."""
         return {"mean": self.mean is not None, "var": self.var is not None, "source": self.source}
 
 
-__all__ = ["LatentNormalizer", "load_stats_file"]
+__all__ = ["STATS_MODES", "LatentNormalizer", "load_stats_file"]

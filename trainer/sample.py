@@ -5,7 +5,7 @@ statistics it was trained with; the decoder checkpoint rebuilds the decoder. Out
 
     <out>/samples.npz     arr_0 uint8 [N, H, W, 3] (RGB), arr_1 int64 [N] class labels: what the
                           ADM evaluation suite reads (np.savez layout, uncompressed: memory-maps)
-    <out>/grid.png        up to 64 samples spread evenly over the indices (labels in order)
+    <out>/grid.png        up to 64 samples spread evenly over the indices (in sample order)
     <out>/sample.json     the plan (checkpoints, settings, label policy) and the run's numbers
     <out>/parts/          while running: part-<start>-<stop>.npz per block of sample indices and
                           plan.json; removed once samples.npz is written
@@ -83,7 +83,7 @@ class SampleConfig:
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for t in [lo, hi], ends inclusive
     ag_scale: float | None = None  # AutoGuidance scale (needs the weak checkpoint)
     labels: str = "equal"  # equal | random | comma list | file of labels (see sample_labels)
-    seed: int = 0  # noise of sample i from (seed, i); the random label policy's seed
+    seed: int = 0  # noise of sample i from (seed, i); the equal policy's permutation, the random policy's seed
     batch_size: int = 64  # samples per model call (results independent of it up to float rounding)
     block_size: int = 1000  # samples per part file: the unit of distribution and of resume
     weights: str = "ema"  # ema | model: which weights of every checkpoint (ema falls back to model)
@@ -328,7 +328,8 @@ def sample(dit_ckpt: str, decoder_ckpt: str, out: str, cfg: SampleConfig | None 
         dev = info.device if device in (None, "auto") else torch.device(device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise SampleError("device cuda was asked for, but CUDA is not available here")
-        job = _build_job(cfg, dit_ckpt, decoder_ckpt, autoguidance_ckpt, stats, dev, storage_options)
+        job = _build_job(cfg, dit_ckpt, decoder_ckpt, autoguidance_ckpt, stats, dev, storage_options,
+                         log if info.is_main else (lambda _m: None))
         return _run(job, uri_lib.normalize(out) if uri_lib.is_local(out) else out.rstrip("/"), info,
                     storage_options, log if info.is_main else (lambda _m: None))
     finally:
@@ -336,13 +337,16 @@ def sample(dit_ckpt: str, decoder_ckpt: str, out: str, cfg: SampleConfig | None 
             distributed.cleanup()
 
 
-def _build_job(cfg, dit_ckpt, decoder_ckpt, autoguidance_ckpt, stats, device, so) -> SamplingJob:
+def _build_job(cfg, dit_ckpt, decoder_ckpt, autoguidance_ckpt, stats, device, so,
+               log: Callable[[str], None] = _log) -> SamplingJob:
     dit = load_dit(dit_ckpt, weights=cfg.weights, stats=stats, device=device, storage_options=so)
     decoder = load_decoder(decoder_ckpt, weights=cfg.weights, device=device, storage_options=so)
     weak = None
     if autoguidance_ckpt is not None:
         weak = load_dit(autoguidance_ckpt, weights=cfg.weights, device=device, storage_options=so)
-    check_compatible(dit, decoder, weak)
+    note = check_compatible(dit, decoder, weak)
+    if note:  # a model without an encoder identity (import-rae --encoder none): shapes checked only
+        log(f"WARNING: {note}")
     labels = sample_labels(cfg.labels, cfg.num, dit.num_classes, cfg.seed, so)
     return SamplingJob(cfg, dit, decoder, weak, labels, device)
 

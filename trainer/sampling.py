@@ -38,11 +38,20 @@ def _seed64(*parts: int) -> int:
 
 
 def sample_labels(policy: str, num: int, num_classes: int, seed: int = 0,
-                  storage_options: dict | None = None) -> np.ndarray:
+                  storage_options: dict | None = None, *, class_order: bool = False) -> np.ndarray:
     """int64 [num] class labels of samples 0..num-1.
 
-    - ``equal``: num / num_classes per class, in class order (sample i gets i * K // N; with
-      N = 50 000 and K = 1000: 50 per class, the ADM convention). N need not be a multiple of K.
+    - ``equal``: num / num_classes per class (the multiset {i * K // N : i < N}; with N = 50 000
+      and K = 1000: exactly 50 per class, the ADM convention; N need not be a multiple of K), in
+      the order of a uniformly random permutation seeded by ``seed`` alone: a pure function of
+      (seed, N, K), independent of ranks and batches. The construction is the reference
+      sampler's ``--label-sampling equal`` (``torch.randperm`` of the class-ordered pool under
+      ``manual_seed(seed)``). The ADM evaluator splits the file into consecutive 5 000-sample chunks for the
+      Inception Score: a class-ordered file would show each chunk ~100 classes and cap the score
+      near 100; permuted, a chunk holds about 5 of each class (on average 995 of the 1 000
+      classes at N = 50 000) and its score is that of a random split.
+      ``class_order=True``: the same labels in class order (sample i gets i * K // N), for
+      grids that people look at (train-dit's previews).
     - ``random``: uniform over the classes from a generator seeded by ``seed`` alone.
     - a comma list ``"207,360,387"`` or the path/URI of a text file of labels (commas or
       whitespace): L labels; sample i gets list[i * L // N], i.e. each listed label N / L times in
@@ -52,7 +61,11 @@ def sample_labels(policy: str, num: int, num_classes: int, seed: int = 0,
         raise SampleError(f"need num >= 1 and num_classes >= 1, got {num}, {num_classes}")
     index = np.arange(num, dtype=np.int64)
     if policy == "equal":
-        return index * num_classes // num
+        in_order = index * num_classes // num
+        if class_order:
+            return in_order
+        order = torch.randperm(num, generator=torch.Generator().manual_seed(int(seed))).numpy()
+        return in_order[order]
     if policy == "random":
         return np.random.default_rng([_LABEL_TAG, int(seed)]).integers(0, num_classes, num, dtype=np.int64)
     listed = _label_list(policy, storage_options)

@@ -38,6 +38,7 @@ import contextlib
 import dataclasses
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -52,12 +53,12 @@ from pipeline.store import LatentStore
 from schemas import store_v1
 from trainer import distributed
 from trainer.checkpoint import load_checkpoint, read_meta
-from trainer.data import LatentLoader, LoaderConfig
+from trainer.data import LatentLoader, LoaderConfig, check_loader_config
 from trainer.flow import interpolate, sample_train_times, shift_alpha, velocity_target
 from trainer.loop import TrainError, TrainLoop, check_steps, mix_seed, read_run_config, store_meta, total_steps
 from trainer.models import model_meta
 from trainer.models.dit import MODEL_SIZES, DiTConfig, build_model, count_parameters, dit_config
-from trainer.normalize import LatentNormalizer
+from trainer.normalize import STATS_MODES, LatentNormalizer
 from trainer.optim import EMA, DiTLRSchedule, build_adamw, build_lr_scheduler, check_finite, clip_grad_norm
 
 CHECKPOINT_KIND = "dit"
@@ -90,7 +91,7 @@ class ModelSection:
 
 @dataclass
 class FlowSection:
-    time_dist: str = "logit_normal"  # logit_normal | uniform: training times before the shift (paper: logit-normal; released configs: uniform)
+    time_dist: str = "logit_normal"  # logit_normal | uniform: training times before the shift (paper and released configs: logit-normal)
     loc: float = 0.0  # logit-normal location
     scale: float = 1.0  # logit-normal scale
     shift_base: int = 4096  # n of the shift alpha = sqrt(C*H*W / n); C, H, W from the store
@@ -115,21 +116,29 @@ class TrainSection:
     max_steps: int | None = None  # optimizer steps to train to (with epochs: whichever comes first)
     epochs: float | None = 800.0  # epochs of N samples to train (ceil to whole steps)
     grad_accum_steps: int = 1  # micro-batches per optimizer step on each rank (loss / A, no_sync but the last)
-    precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 autocast on CUDA, fp32 on the CPU
+    precision: str = "auto"  # auto | bf16 | fp32; auto: bf16 autocast on CUDA, fp32 on the CPU (official-run presets: fp32)
     compile: bool = False  # torch.compile the model (the DDP wrapper goes around the compiled module)
     tf32: bool = True  # TF32 float32 matmuls on CUDA while training (restored afterwards)
     log_every: int = 100  # steps between metric records (JSON lines, TensorBoard)
     ckpt_every: int = 5000  # steps between checkpoints (a checkpoint is also written at the end and on SIGTERM)
     keep_last: int = 3  # newest checkpoints kept
     keep_every: int = 50000  # also keep every checkpoint whose step is a multiple of this (0: none)
+    keep_epochs: list[int] = field(default_factory=list)  # save, and never prune, the checkpoint at the step ending each of these epochs (e.g. [14]: AutoGuidance's guide)
     seed: int = 0  # model init and per-step randomness (noise, times, class dropout)
     progress: bool = True  # progress bar on rank 0
     tensorboard: bool = True  # TensorBoard scalars under <run_dir>/logs/tensorboard
     preview_every: int = 0  # with a preview decoder: steps between preview grids (0: at each checkpoint; also at the end)
-    preview_num: int = 16  # images in a preview grid (classes spread evenly; the same noise every time)
+    preview_num: int = 16  # images in a preview grid (classes spread evenly, in class order; the same noise every time)
     preview_steps: int = 50  # time points of the preview's Euler sampler (the reference grid)
     debug_nan_at_step: int | None = None  # test hook: make the loss of this step NaN
     debug_record_batches: bool = False  # test hook: each rank appends its batches to <run_dir>/debug/batches-rank<r>.jsonl
+
+
+@dataclass
+class DataSection(LoaderConfig):
+    """The loader's settings (:class:`~trainer.data.LoaderConfig`) and how the latents are normalized."""
+
+    stats_mode: str = "mean_var"  # mean_var: (z - mean) / sqrt(var + eps); var: z / sqrt(var + eps), mean zero (the released DiT^DH-XL's)
 
 
 @dataclass
@@ -137,7 +146,7 @@ class TrainDiTConfig:
     model: ModelSection = field(default_factory=ModelSection)
     flow: FlowSection = field(default_factory=FlowSection)
     optim: OptimSection = field(default_factory=OptimSection)
-    data: LoaderConfig = field(default_factory=LoaderConfig)
+    data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
 
 
@@ -146,17 +155,36 @@ class TrainDiTConfig:
 # ------------------------------------------------------------------------------------------------
 
 
-def _reference_run(size: str, epochs: float = 800.0) -> TrainDiTConfig:
+def _reference_run(size: str, epochs: float = 800.0, **train) -> TrainDiTConfig:
     """The released ImageNet training configs (bytetriper/RAE configs/training/ImageNet256/
     DiTDH-{S,XL}_DINOv2-B.yaml): global batch 1024 in 4 accumulation steps, AdamW 2e-4, EMA 0.9995,
     LR constant to epoch 40 then linear to 2e-5 at epoch 800, 4 loader workers, log every 100,
-    checkpoint every 5000 steps, seed 0. Those files train 1400 epochs with uniform times; we train
-    the paper's 800 epochs with its logit-normal times (``--set flow.time_dist=uniform`` for theirs)."""
+    checkpoint every 5000 steps, seed 0, logit-normal training times (``time_dist_type:
+    logit-normal_0_1``, as the paper; an early version of those files said uniform: ``--set
+    flow.time_dist=uniform``). Those files run 1400 epochs; we train the paper's 800.
+
+    Where the paper and the code that made the released models differ, these presets follow the code:
+    - fp32 training (with TF32 matmuls, ``train.tf32``): the official README says "bf16 is
+      supported, we recommend fp32 for more stable training"; ``--set train.precision=bf16`` opts
+      in to bf16 autocast;
+    - variance-only latent statistics (``data.stats_mode=var``: mean zero), as the released
+      DiT^DH-XL was trained (the released DINOv2-B ``stat.pt`` holds ``var`` only);
+      ``--set data.stats_mode=mean_var`` normalizes with the mean as well."""
     return TrainDiTConfig(
         model=ModelSection(size=size),
-        data=LoaderConfig(global_batch=1024, num_workers=4),
-        train=TrainSection(epochs=epochs, grad_accum_steps=4, log_every=100, ckpt_every=5000),
+        data=DataSection(global_batch=1024, num_workers=4, stats_mode="var"),
+        train=TrainSection(epochs=epochs, grad_accum_steps=4, log_every=100, ckpt_every=5000, precision="fp32",
+                           **train),
     )
+
+
+def autoguidance_guide_preset() -> TrainDiTConfig:
+    """The paper's AutoGuidance guide model: DiT^DH-S trained for 14 epochs at 256 px (the S recipe,
+    whose LR is still constant at epoch 14, so these are the first 14 epochs of the full S run),
+    its epoch-14 checkpoint kept. Sample with it as the weak model: ``sample --autoguidance-ckpt
+    <run-dir> --ag-scale 1.42`` (paper: 1.42 at 256 px, 1.5 at 512 px). A full S run with
+    ``--set train.keep_epochs=[14]`` leaves the same checkpoint."""
+    return _reference_run("dit_dh_s", epochs=14.0, keep_epochs=[14])
 
 
 def debug_preset() -> TrainDiTConfig:
@@ -165,7 +193,7 @@ def debug_preset() -> TrainDiTConfig:
         model=ModelSection(size="dit_dh_s", hidden_size=64, depth=2, num_heads=4,
                            head_hidden_size=128, head_depth=1, head_num_heads=4),
         optim=OptimSection(lr=1e-3, ema_decay=0.99),
-        data=LoaderConfig(global_batch=16, num_workers=0, block_chunks=4),
+        data=DataSection(global_batch=16, num_workers=0, block_chunks=4),
         train=TrainSection(max_steps=200, epochs=None, log_every=10, ckpt_every=50, keep_last=2, keep_every=0),
     )
 
@@ -177,6 +205,7 @@ PRESETS: dict[str, Callable[[], TrainDiTConfig]] = {
     # 512 px: the same model on 768x32x32 latents (patch 1, 1024 tokens); the paper reports 400 epochs.
     "dit_dh_xl_dinov2_512": lambda: _reference_run("dit_dh_xl", epochs=400.0),
     "dit_xl_dinov2_256": lambda: _reference_run("dit_xl"),  # plain DiT-XL (the paper's ablation)
+    "dit_dh_s_dinov2_256_ag_guide": autoguidance_guide_preset,  # AutoGuidance's weak model (epoch 14)
     "debug": debug_preset,
 }
 
@@ -195,11 +224,18 @@ def check_config(cfg: TrainDiTConfig) -> None:
         head = [k for k in ("head_hidden_size", "head_depth", "head_num_heads") if getattr(m, k) is not None]
         if head:
             raise ConfigError(f"model.{head[0]} is set but model.size {m.size!r} is a plain DiT (no DDT head)")
-    choices = {"flow.time_dist": (f.time_dist, TIME_DISTS), "train.precision": (t.precision, PRECISIONS)}
+    choices = {"flow.time_dist": (f.time_dist, TIME_DISTS), "train.precision": (t.precision, PRECISIONS),
+               "data.stats_mode": (cfg.data.stats_mode, STATS_MODES)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key} {value!r} is not one of {list(allowed)}")
     check_steps(cfg)
+    problems = check_loader_config(cfg.data)
+    if problems:
+        raise ConfigError(problems[0])
+    if t.grad_accum_steps >= 1 and cfg.data.global_batch % t.grad_accum_steps:
+        raise ConfigError(f"data.global_batch {cfg.data.global_batch} is not divisible by "
+                          f"train.grad_accum_steps {t.grad_accum_steps}")
     if t.preview_every < 0 or t.preview_num < 1 or t.preview_steps < 2:
         raise ConfigError(f"train.preview_every must be >= 0, train.preview_num >= 1 and train.preview_steps >= 2; "
                           f"got {t.preview_every}, {t.preview_num}, {t.preview_steps}")
@@ -212,6 +248,8 @@ def check_config(cfg: TrainDiTConfig) -> None:
             raise ConfigError(f"{key} must be > 0, got {value}")
     if t.keep_every < 0:
         raise ConfigError(f"train.keep_every must be >= 0, got {t.keep_every}")
+    if any(e < 1 for e in t.keep_epochs):
+        raise ConfigError(f"train.keep_epochs lists epochs >= 1 (e.g. [14]), got {t.keep_epochs}")
     if not 0.0 <= o.ema_decay <= 1.0:
         raise ConfigError(f"optim.ema_decay must be in [0, 1], got {o.ema_decay}")
     if not 0.0 <= m.class_dropout_prob < 1.0:
@@ -293,11 +331,19 @@ def open_store(uri: str, storage_options: dict | None = None) -> LatentStore:
     return LatentStore.open(uri, storage_options)
 
 
-def requested_normalizer(store: LatentStore, stats: str | None, storage_options: dict | None = None) -> LatentNormalizer:
-    """The store's statistics, or those of ``--stats FILE`` (mean and var each optional)."""
+def requested_normalizer(store: LatentStore, stats: str | None, storage_options: dict | None = None,
+                         mode: str = "mean_var") -> LatentNormalizer:
+    """The store's statistics, or those of ``--stats FILE`` (mean and var each optional), used as
+    ``mode`` says (``data.stats_mode``: "var" drops the mean)."""
     norm = LatentNormalizer.from_file(stats, storage_options) if stats else LatentNormalizer.from_store(store)
     norm.check_shape(store.latent_shape)
-    return norm
+    return norm.with_mode(mode)
+
+
+def keep_epoch_steps(epochs: list[int], num_valid: int, global_batch: int) -> dict[int, int]:
+    """{step: epoch}: the step that ends each epoch of ``epochs`` (the first at which the samples seen,
+    step * global_batch, reach epoch * num_valid): ceil(epoch * N / B)."""
+    return {math.ceil(e * num_valid / global_batch): int(e) for e in sorted(set(epochs))}
 
 
 def _checkpoint_latent_shape(meta) -> tuple[int, ...] | None:
@@ -388,7 +434,7 @@ class DiTTrainer(TrainLoop):
         self.store = open_store(store, storage_options)
         self.latent_shape = tuple(self.store.latent_shape)
         self._check_batch_split()
-        self.normalizer = requested_normalizer(self.store, stats, storage_options)
+        self.normalizer = requested_normalizer(self.store, stats, storage_options, cfg.data.stats_mode)
         self.alpha = shift_alpha_for(cfg, self.latent_shape)
         self.model_cfg = model_config_for(cfg, self.store)
         torch.manual_seed(cfg.train.seed)
@@ -399,6 +445,7 @@ class DiTTrainer(TrainLoop):
         self.loader = LatentLoader(self.store, cfg.data, rank=self.dist.rank, world_size=self.dist.world_size,
                                    device=self.device, normalizer=self.normalizer)
         self.total_steps = total_steps(cfg, self.loader.num_valid)
+        self.keep_steps = keep_epoch_steps(cfg.train.keep_epochs, self.loader.num_valid, cfg.data.global_batch)
         self._build_optimizer(ckpt)
         self.rows = self.loader.global_rows  # after the loader state: the saved stream count decides them
         self.autocast_dtype = self._autocast_dtype()
@@ -414,26 +461,33 @@ class DiTTrainer(TrainLoop):
             raise ConfigError(
                 f"data.global_batch {B} must be divisible by world size {W} x train.grad_accum_steps {A}"
             )
+        P = self.cfg.data.num_streams
+        if P is not None and P % W:
+            raise ConfigError(f"data.num_streams {P} is not a multiple of the world size {W}")
 
     def _check_same_statistics(self, ckpt) -> None:
         saved = ckpt.stats or {}
         now = self.normalizer.as_tensors()
         same = set(saved) == set(now) and all(torch.equal(saved[k].cpu(), now[k]) for k in now)
         if not same:
+            from trainer.loading import checkpoint_stats_mode
+
             source = (ckpt.meta.statistics or {}).get("source")
+            saved_mode, mode = checkpoint_stats_mode(ckpt.meta, ckpt.uri), self.cfg.data.stats_mode
             raise TrainError(
                 f"run directory {self.run_dir} normalized its latents with statistics from {source}; this run "
                 f"would use {self.normalizer.source}: resume with the same statistics (the same --stats, or none)"
+                + (f" and the same data.stats_mode (the run's: {saved_mode}; now: {mode})" if saved_mode != mode else "")
             )
 
     def _starting_checkpoint(self, init_from: str | None):
         """The run directory's newest complete checkpoint (resume: same store, with its training
         state), else --init-from's (weights only, checked against the store and the model), else None."""
         self.step, self.resumed_from, self.init_from = 0, None, None
-        resume_uri = self.resume_checkpoint(self.store)
-        if resume_uri is None:
+        ckpt = self.load_resume_checkpoint(self.store)  # a corrupt newest one is set aside, with a warning
+        if ckpt is None:
             return self._load_init_from(init_from) if init_from else None
-        ckpt = load_checkpoint(resume_uri, map_location=self.device, storage_options=self.so)
+        resume_uri = ckpt.uri
         if not ckpt.train_state or not {"optimizer", "scheduler", "data"} <= set(ckpt.train_state):
             raise TrainError(f"checkpoint {resume_uri} has no optimizer/scheduler/data state to resume from; "
                              "start a new --run-dir with --init-from to use its weights")
@@ -495,8 +549,16 @@ class DiTTrainer(TrainLoop):
             f"{type(self.model).__name__} {count_parameters(self.model) / 1e6:.2f}M parameters, "
             f"world size {W}, global batch {B} = {W} x {A} x {B // (W * A)}, shift alpha {self.alpha:.4f}, "
             f"{self.total_steps} steps ({self.total_steps * B / self.loader.num_valid:.2f} epochs), "
-            f"device {self.device}, autocast {self.autocast_dtype or 'off'}"
+            f"device {self.device}, autocast {self.autocast_dtype or 'off'}, statistics {self.normalizer.source} "
+            f"({self.cfg.data.stats_mode})" + self._describe_keep_steps()
         )
+
+    def _describe_keep_steps(self) -> str:
+        if not self.keep_steps:
+            return ""
+        kept = [f"epoch {e} at step {s}" + ("" if s <= self.total_steps else " (after the last step: not reached)")
+                for s, e in sorted(self.keep_steps.items())]
+        return f"; keeping the checkpoints ending {', '.join(kept)}"
 
     def _load_preview_decoder(self, uri: str | None):
         """The decoder of the preview grids, checked against the store (every rank checks, so a bad
@@ -520,7 +582,7 @@ class DiTTrainer(TrainLoop):
 
         t = self.cfg.train
         out = uri_lib.join(self.run_dir, PREVIEW_DIR, f"step-{self.step:07d}.png")
-        labels = sample_labels("equal", t.preview_num, self.model_cfg.num_classes)
+        labels = sample_labels("equal", t.preview_num, self.model_cfg.num_classes, class_order=True)
         write_preview_grid(self.model, self.preview_decoder, self.normalizer, self.alpha, labels.tolist(), out,
                            steps=t.preview_steps, seed=t.seed, ema_state=self.ema.state_dict(),
                            autocast_dtype=self.autocast_dtype, storage_options=self.so)
@@ -531,6 +593,8 @@ class DiTTrainer(TrainLoop):
             self.logger.info(f"preview grid {self.write_preview()}")
 
     def after_step(self) -> None:
+        if self.step in self.keep_steps and self.last_saved != self.step:  # train.keep_epochs
+            self.save()
         every = self.cfg.train.preview_every
         if self.preview_decoder is None or every == 0 or not self.dist.is_main:
             return
@@ -607,7 +671,10 @@ class DiTTrainer(TrainLoop):
             "statistics": self.normalizer.describe(),
             "data_state": self.loader.state_dict(),
             "extra": {"shift_alpha": self.alpha, "world_size": self.dist.world_size,
-                      "total_steps": self.total_steps, "init_from": self.init_from},
+                      "total_steps": self.total_steps, "init_from": self.init_from,
+                      "stats_mode": self.cfg.data.stats_mode,
+                      **({"keep": f"the step ending epoch {self.keep_steps[self.step]} (train.keep_epochs)"}
+                         if self.step in self.keep_steps else {})},
         }
 
     def checkpoint_payload(self) -> dict:
@@ -644,7 +711,8 @@ def config_from_run_dir(run_dir: str, storage_options: dict | None = None) -> Tr
 
 
 __all__ = [
-    "PRESETS", "TrainDiTConfig", "ModelSection", "FlowSection", "OptimSection", "TrainSection", "TrainError",
+    "PRESETS", "TrainDiTConfig", "ModelSection", "FlowSection", "OptimSection", "DataSection", "TrainSection",
+    "TrainError", "keep_epoch_steps",
     "TrainResult", "DiTTrainer", "resolve_config", "check_config", "model_config_for", "shift_alpha_for",
     "total_steps", "step_randomness", "train_dit", "config_from_run_dir",
 ]

@@ -10,7 +10,9 @@ name) and a table is printed at the end::
     python -m bench.drills [--quick] [--only NAME,...] [--out bench/drills.json]
 
 Drills (``--only`` names): encode_driver_kill, encode_actor_kill, encode_concurrent,
-s3_faults_encode, s3_faults_train, corrupt_chunk, train_ckpt_kill, train_nan, bad_input.
+s3_faults_encode, s3_faults_train, corrupt_chunk, train_ckpt_kill, train_nan, bad_input, credential_scan,
+teammate_reads_store, encode_node_loss
+(a two-node Ray cluster of its own, see ``bench.drills.cluster``).
 
 The encode drills share one configuration: the built-in sample data (16 images, train split), a
 shallow DINOv2-B (1 block, random weights: the encoder's cost is not what is drilled), 4 shards of
@@ -42,6 +44,8 @@ from bench.drills import encode  # noqa: F401
 from bench.drills import storage  # noqa: F401  (isort: keep this order)
 from bench.drills import training  # noqa: F401
 from bench.drills import inputs  # noqa: F401
+from bench.drills import security  # noqa: F401
+from bench.drills import cluster  # noqa: F401  (its own multi-node Ray cluster: last)
 from bench.drills.context import DRILLS, DrillContext, DrillOptions, DrillRecord, select_drills
 from bench.drills.tools import RAY_CPUS, log
 from bench.harness import Column, ResultsFile, format_columns

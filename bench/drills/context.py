@@ -23,6 +23,9 @@ ENCODE_ARGS = [
     "--threads", "1", "--set", 'encoder_overrides={"depth": 1}', "--set", "actor_cpus=0.5", "--no-progress",
 ]  # fmt: skip
 S3_BUCKET = "drills"
+# What the drills' Ray cluster holds for S3 (moto accepts any key pair): the workers' own credentials.
+CLUSTER_AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 # Training drills: the debug preset, quiet, on the clean sample store.
 TRAIN_QUIET = ["train.progress=false", "train.tensorboard=false"]
 WORK_MARKER = ".drills-work"  # only a work folder holding this file is ever emptied
@@ -150,7 +153,9 @@ class DrillContext:
     def ray(self) -> RayHost:
         if self._ray is None:
             t = time.monotonic()
-            self._ray = RayHost(self.env(), self.path("logs", "ray-host.err")).start()
+            # The cluster's own credentials (a real cluster's instance role or AWS config): jobs send none
+            # to their workers, only the endpoint they use.
+            self._ray = RayHost(self.env(**CLUSTER_AWS_ENV), self.path("logs", "ray-host.err")).start()
             log(f"Ray on {self._ray.address} (head pid {self._ray.pid}) in {time.monotonic() - t:.1f} s")
         return self._ray
 

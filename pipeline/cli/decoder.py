@@ -4,6 +4,8 @@
 ``fit-decoder`` runs directly (one process) or under ``torchrun`` (one process per device: gloo on
 CPU, NCCL on CUDA), e.g. ``make fit-decoder STORE=... NPROC=8``. Progress and messages go to
 stdout on rank 0; errors of the user's inputs end a command with exit code 1 and a one-line message.
+A fit-decoder stopped by SIGTERM saves a checkpoint, then exits with code 143 (128 + SIGTERM): the
+decoder is unfinished; the same command resumes.
 """
 from __future__ import annotations
 
@@ -18,12 +20,17 @@ from pipeline.cli.common import user_command
 def fit_decoder_command(
     store: str = typer.Option(..., "--store", help="Latent store whose latents (and source images) to train on."),
     run_dir: str = typer.Option(..., "--run-dir", help="Run directory (path or URI); an existing one resumes."),
-    preset: str = typer.Option(..., "--preset", help="Named config: decoder_{b,l,xl}_dinov2, debug."),
+    preset: str = typer.Option(..., "--preset", help="Named config: decoder_{b,l,xl}_dinov2, "
+                               "decoder_b_dinov2_reference (the released recipe: encoder on the fly), debug."),
     overrides: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a config value, e.g. --set data.mode=encode_on_the_fly (repeatable)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved config as JSON and exit."),
 ) -> None:
-    """Train the RAE pixel decoder (L1 + LPIPS + adaptive GAN, EMA) on a store; resume a run directory."""
+    """Train the RAE pixel decoder (L1 + LPIPS + adaptive GAN, EMA) on a store; resume a run directory.
+
+    Exit codes: 0 trained to the end; 1 an error of the inputs (one line).
+    143 (128 + SIGTERM): stopped by SIGTERM after saving a checkpoint; unfinished, the same command resumes.
+    """
     from pipeline.cli.train import run_training_command
     from trainer.fit_decoder import fit_decoder, resolve_config
 

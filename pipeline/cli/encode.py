@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from pipeline.cli.common import EncoderChoice, fail, log_to_stderr, user_command
+from pipeline.cli.common import EncoderChoice, error_line, fail, log_to_stderr, user_command
 from schemas.errors import UserError
 
 stores_app = typer.Typer(
@@ -35,6 +35,10 @@ class DtypeChoice(str, Enum):
 
 
 class CompressorChoice(str, Enum):
+    """The latents' codec (``schemas.store_v1.COMPRESSORS``; docs/store-format.md, "Codecs")."""
+
+    blosc_zstd = "blosc-zstd"
+    blosc_lz4 = "blosc-lz4"
     zstd = "zstd"
     none = "none"
 
@@ -43,10 +47,10 @@ def _task_error_cause(e: BaseException) -> str | None:
     """The message of the error a Ray task raised (StoreError, OSError...) under Ray Data's
     wrappers, which keep it only as text; None when ``e`` is not a Ray task failure."""
     import re
+    import sys
 
-    import ray.exceptions
-
-    if not isinstance(e, ray.exceptions.RayTaskError):
+    ray_exceptions = sys.modules.get("ray.exceptions")  # not imported: no Ray task ran (nor failed)
+    if ray_exceptions is None or not isinstance(e, ray_exceptions.RayTaskError):
         return None
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
     for line in text.splitlines():
@@ -63,13 +67,17 @@ def encode_command(
     ),
     out: str = typer.Option("out/stores", "--out", help="Root under which the store is created (path or URI)."),
     weights: str = typer.Option(
-        "hub", "--weights", help="'hub' (Hugging Face Hub), a weights file (timm or transformers layout), or 'random'."
+        "hub", "--weights", help="'hub' (Hugging Face Hub), a weights file (timm or transformers layout), a "
+        "save_pretrained folder (config.json + safetensors, sharded or not; its config is checked), or 'random'."
     ),
     split: SplitChoice = typer.Option(SplitChoice.train, "--split", help="Split to encode; each split is its own store."),
     resolution: int = typer.Option(256, "--resolution", help="ADM center-crop size: 256 or 512."),
     class_index: Optional[str] = typer.Option(None, "--class-index", help="File fixing the class -> label mapping."),
     dtype: DtypeChoice = typer.Option(DtypeChoice.float16, "--dtype", help="Latent storage dtype."),
-    compressor: CompressorChoice = typer.Option(CompressorChoice.zstd, "--compressor"),
+    compressor: CompressorChoice = typer.Option(
+        CompressorChoice.blosc_zstd, "--compressor",
+        help="Latents' codec: blosc-zstd (byte shuffle + zstd: fewest bytes, cheap decode), blosc-lz4 (cheapest "
+             "decode, few bytes saved), zstd (the format's earlier default), none."),
     samples_per_shard: Optional[int] = typer.Option(None, "--samples-per-shard", help="Rows per shard (one write task)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per encoder forward."),
     num_actors: Optional[int] = typer.Option(None, "--num-actors", help="Encoder actors (default: one per GPU, else 1)."),
@@ -85,6 +93,7 @@ def encode_command(
     from pipeline.config import apply_overrides
     from pipeline.encode import EncodeConfig, encode
     from pipeline.encoders import HubWeightsUnavailableError
+    from pipeline.uri import redact
 
     cfg = EncodeConfig()
     given = {
@@ -115,13 +124,14 @@ def encode_command(
         result = encode(cfg)
     except HubWeightsUnavailableError as e:
         raise typer.BadParameter(str(e), param_hint="'--weights'") from None
-    except UserError:
-        raise
     except Exception as e:
+        # A task's StoreError comes back from Ray as a RayTaskError subclass of it, holding the traceback.
         cause = _task_error_cause(e)
-        if cause is None:
-            raise
-        fail(f"{cause}\n(the store is resumable: rerun the same command)")
+        if cause is not None:
+            fail(f"{redact(cause, cfg.storage_options)}\n(the store is resumable: rerun the same command)")
+        if isinstance(e, UserError):
+            fail(redact(error_line(e), cfg.storage_options))  # one line, never a credential in it
+        raise
     if result.reused:
         typer.echo(f"store is complete, reused: {result.uri}", err=True)
     else:
@@ -136,7 +146,7 @@ def encode_command(
 @stores_app.command("list")
 @user_command
 def stores_list(root: str = typer.Argument(..., help="Folder or URI holding stores.")) -> None:
-    """Every store under ROOT, complete and incomplete."""
+    """Every store under ROOT: complete, INCOMPLETE, or BROKEN (the reason follows the table)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -151,8 +161,8 @@ def stores_list(root: str = typer.Argument(..., help="Folder or URI holding stor
         table.add_column(col)
     for st in statuses:
         s = st.summary
-        state = "complete" if st.complete else "INCOMPLETE"
-        shards = f"{st.shards_done}/{st.num_shards if st.num_shards is not None else '?'}"
+        state = "BROKEN" if st.broken else "complete" if st.complete else "INCOMPLETE"
+        shards = "/".join("?" if v is None else str(v) for v in (st.shards_done, st.num_shards))
         table.add_row(
             st.uri.rstrip("/").rsplit("/", 1)[-1],
             state,
@@ -160,6 +170,9 @@ def stores_list(root: str = typer.Argument(..., help="Folder or URI holding stor
             *(str(s.get(k, "")) for k in ("encoder", "weights", "split", "latent", "dtype", "samples", "failed")),
         )
     Console(width=200).print(table)
+    for st in statuses:
+        if st.broken:
+            typer.echo(f"BROKEN {st.uri.rstrip('/').rsplit('/', 1)[-1]}: {st.broken}")
 
 
 @stores_app.command("describe")
@@ -182,12 +195,17 @@ def stores_describe(uri: str = typer.Argument(..., help="The store.")) -> None:
 def stores_verify(
     uri: str = typer.Argument(..., help="The store."),
     no_stats: bool = typer.Option(False, "--no-stats", help="Skip recomputing the statistics."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, help="Shards checked at once (threads). Default: min(4, CPU cores)."),
 ) -> None:
-    """Re-check every object's checksum, the counts and the statistics; non-zero exit naming the
-    bad shard(s) when anything is wrong."""
+    """Check the spec against the arrays (shapes, dtypes, shard and chunk shapes, codecs, counts), then
+    every object's checksum, every chunk, the counts and the statistics; non-zero exit naming the
+    spec key or the bad shard(s) when anything is wrong."""
     from pipeline.store import verify_store
 
-    report = verify_store(uri, check_stats=not no_stats)
+    report = verify_store(uri, check_stats=not no_stats, workers=workers)
+    if report.error is not None:
+        fail(report.error)  # not openable at all: one line
     typer.echo(str(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -198,16 +216,23 @@ def stores_verify(
 def stores_rm(
     uri: str = typer.Argument(..., help="The store."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    broken: bool = typer.Option(
+        False, "--broken", help="Also remove a broken store (spec missing, invalid or not matching its arrays); "
+        "a prefix that is not a store is still refused."),
 ) -> None:
     """Delete a store (its COMPLETE marker first, so a half-deleted store never reads as complete)."""
     from pipeline.store import remove_store, store_status
 
     st = store_status(uri)
     if st is None:
-        fail(f"{uri} is not a latent store")
+        fail(f"{uri} is not a latent store (see 'Which prefix counts as a store' in docs/store-format.md); "
+             "nothing removed")
+    if st.broken and not broken:
+        fail(f"store {st.uri} is broken ({st.broken}); `rae-pipeline stores rm --broken {uri}` removes it")
     if not yes:
-        typer.confirm(f"delete store {st.uri} ({'complete' if st.complete else 'incomplete'})?", abort=True)
-    remove_store(uri)
+        state = "BROKEN" if st.broken else "complete" if st.complete else "incomplete"
+        typer.confirm(f"delete store {st.uri} ({state})?", abort=True)
+    remove_store(uri, broken=broken)
     typer.echo(f"removed {st.uri}", err=True)
 
 

@@ -14,6 +14,11 @@ import typer
 from pipeline.cli.common import DeviceChoice, user_command
 
 
+class ISSplits(str, Enum):
+    shuffle = "shuffle"
+    adm = "adm"
+
+
 class RefSourceKind(str, Enum):
     folder = "folder"
     npz = "npz"
@@ -56,7 +61,8 @@ def _print_table(m: dict) -> None:
     table.add_column("value", justify="right")
     table.add_row("FID", _fmt(m["fid"]))
     table.add_row("sFID", _fmt(m["sfid"]))
-    table.add_row("Inception Score", f"{_fmt(m['inception_score_mean'], 2)} ± {_fmt(m['inception_score_std'], 2)}")
+    table.add_row(f"Inception Score ({m['settings']['isc_split_mode']} splits)",
+                  f"{_fmt(m['inception_score_mean'], 2)} ± {_fmt(m['inception_score_std'], 2)}")
     table.add_row("Precision", _fmt(m["precision"]))
     table.add_row("Recall", _fmt(m["recall"]))
     table.add_row("samples / reference", f"{m['num_samples']} / {m['num_ref'] if m['num_ref'] is not None else 'n/a'}")
@@ -74,6 +80,11 @@ def evaluate_command(
     ),
     inception_weights: str = typer.Option("hub", "--inception-weights", help=_WEIGHTS_HELP),
     batch_size: int = typer.Option(64, "--batch-size", help="Images per Inception forward."),
+    is_splits: ISSplits = typer.Option(
+        ISSplits.shuffle, "--is-splits",
+        help="Inception Score splits: shuffle (10 equal splits after torch-fidelity's seeded shuffle) or adm (the "
+        "ADM evaluator's consecutive 5,000-sample chunks in file order, no shuffle: what published numbers use; "
+        "equal on files whose labels are in a random order, as `sample --labels equal` writes them, to ~1%)."),
     out: Optional[str] = typer.Option(
         None, "--out", help="Metrics JSON (path or URI). Default: <samples without .npz>.metrics.json."
     ),
@@ -85,7 +96,8 @@ def evaluate_command(
     from trainer.evaluate import compute_metrics
 
     extractor = _load_inception(inception_weights, device)
-    metrics = compute_metrics(samples, ref, extractor=extractor, batch_size=batch_size, verbose=not no_progress)
+    metrics = compute_metrics(samples, ref, extractor=extractor, batch_size=batch_size,
+                              isc_split_mode=is_splits.value, verbose=not no_progress)
     if out is None:
         base = U.normalize(samples)
         out = (base[: -len(".npz")] if base.endswith(".npz") else base) + ".metrics.json"

@@ -5,6 +5,7 @@ there); inferred architectures and notes go to stderr. Heavy imports happen insi
 """
 from __future__ import annotations
 
+from enum import Enum
 from typing import Optional
 
 import typer
@@ -12,11 +13,31 @@ import typer
 from pipeline.cli.common import EncoderChoice, WeightsChoice, fail, user_command
 
 
+class ImportEncoderChoice(str, Enum):
+    """import-rae's encoders: those of :class:`EncoderChoice`, and ``none`` for a model whose width
+    is none of theirs (custom or tiny) -- for this command only: every other command needs a real one."""
+
+    dinov2 = EncoderChoice.dinov2.value
+    siglip2 = EncoderChoice.siglip2.value
+    mae = EncoderChoice.mae.value
+    siglip = EncoderChoice.siglip.value
+    none = "none"
+
+
+NO_ENCODER_NOTE = ("no encoder identity recorded (--encoder none): sample and reconstruct will accept these "
+                   "checkpoints when the latent shapes match, and warn that no encoder identity could be checked")
+
+
 def import_rae_command(
     dit: Optional[str] = typer.Option(None, "--dit", help="Published DiT^DH / DiT file (bare state dict or training checkpoint)."),
     decoder: Optional[str] = typer.Option(None, "--decoder", help="Published decoder file (bare, or a decoder-training checkpoint)."),
     stats: Optional[str] = typer.Option(None, "--stats", help="The stat.pt the DiT was trained with (mean and/or var)."),
-    encoder: EncoderChoice = typer.Option(..., "--encoder", help="Encoder the files belong to (siglip = siglip2); not visible in the shapes."),
+    encoder: ImportEncoderChoice = typer.Option(
+        ..., "--encoder", help="Encoder the files belong to (siglip = siglip2); not visible in the shapes, so it is "
+        "recorded as the checkpoints' encoder identity and checked against their latent shape. 'none': a model whose "
+        "width is none of these encoders' (custom or tiny): no identity is recorded, the DiT and decoder are only "
+        "checked against each other; sample and reconstruct then accept them when the latent shapes match and warn "
+        "that no encoder identity could be checked (the decoder un-normalizes with the ImageNet mean/std)."),
     resolution: int = typer.Option(256, "--resolution", help="Image resolution the encoder identity is recorded for: 256 or 512."),
     out: str = typer.Option(..., "--out", help="Folder or URI; checkpoints go to <out>/dit and <out>/decoder."),
     use: Optional[WeightsChoice] = typer.Option(
@@ -32,7 +53,8 @@ def import_rae_command(
     from trainer.checkpoint import read_meta
     from trainer.interop import import_rae
 
-    written = import_rae(out, dit=dit, decoder=decoder, stats=stats, encoder=encoder.value, resolution=resolution,
+    encoder_name = None if encoder.value == "none" else encoder.value
+    written = import_rae(out, dit=dit, decoder=decoder, stats=stats, encoder=encoder_name, resolution=resolution,
                          use=use.value if use is not None else "auto", decoder_num_heads=decoder_heads,
                          head_depth=head_depth, overwrite=overwrite)
     for kind, uri in written.items():
@@ -45,6 +67,8 @@ def import_rae_command(
         if meta.statistics is not None:
             typer.echo(f"  statistics: mean {'present' if meta.statistics['mean'] else 'absent (0)'}, "
                        f"var {'present' if meta.statistics['var'] else 'absent (1)'}", err=True)
+    if encoder_name is None:
+        typer.echo(f"note: {NO_ENCODER_NOTE}", err=True)
     for kind, uri in written.items():
         typer.echo(f"{kind}: {uri}")
 
@@ -53,9 +77,13 @@ def export_rae_command(
     ckpt: Optional[str] = typer.Option(None, "--ckpt", help="Our checkpoint (or run directory: its newest)."),
     store: Optional[str] = typer.Option(None, "--store", help="Export this latent store's statistics alone, as stat.pt."),
     out: str = typer.Option(..., "--out", help="Folder or URI for dit.pt / decoder.pt / stat.pt."),
-    which: WeightsChoice = typer.Option(WeightsChoice.ema, "--which", help="ema (falls back to model when absent) or model."),
+    which: WeightsChoice = typer.Option(
+        WeightsChoice.ema, "--which", help="ema (falls back to model when absent) or model. An imported checkpoint "
+        "holds one set of weights, the ones picked from the published file at import (a training checkpoint's ema "
+        "by default): that set is exported either way, and the command says which it is."),
     learn_sigma: bool = typer.Option(
-        False, "--learn-sigma", help="Plain DiT: write the 2C-output final layer of LightningDiT(learn_sigma=True)."
+        False, "--learn-sigma", help="Plain DiT: write the 2C-output final layer of LightningDiT(learn_sigma=True) "
+        "(the released LightningDiT defaults to learn_sigma=False)."
     ),
 ) -> None:
     """Write a checkpoint in the published RAE layout (loadable strictly by the reference code)."""
@@ -67,8 +95,7 @@ def export_rae_command(
         files = {"stats": export_store_stats(store, out)}
     else:
         result = export_rae(ckpt, out, which=which.value, learn_sigma=learn_sigma)
-        if result.weights != which.value:
-            typer.echo(f"the checkpoint has no {which.value} weights: exported the {result.weights} weights", err=True)
+        typer.echo(f"exported {result.description}", err=True)
         files = result.files
     for role, uri in files.items():
         typer.echo(f"{role}: {uri}")

@@ -48,11 +48,12 @@ def sample_command(
         None, "--autoguidance-ckpt", help="Weak DiT checkpoint for AutoGuidance (with --ag-scale)."),
     ag_scale: Optional[float] = typer.Option(None, "--ag-scale", help="AutoGuidance scale: weak + s (main - weak)."),
     labels: str = typer.Option(
-        "equal", "--labels", help="equal (N/classes per class, in order) | random (seeded) | a comma list | a file "
-        "of labels (each listed label N/L times, in order)."),
+        "equal", "--labels", help="equal (N/classes per class, in a permutation seeded by --seed: the ADM "
+        "evaluator's consecutive 5,000-sample IS splits each see ~all classes) | random (seeded) | a comma list | "
+        "a file of labels (each listed label N/L times, in order)."),
     stats: Optional[str] = typer.Option(
         None, "--stats", help="Latent statistics file replacing the checkpoint's (.safetensors, .npz or stat.pt)."),
-    seed: int = typer.Option(0, "--seed", help="Sample i's noise comes from (seed, i)."),
+    seed: int = typer.Option(0, "--seed", help="Sample i's noise comes from (seed, i); it also seeds the label order."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per model call on each rank."),
     block_size: int = typer.Option(
         1000, "--block-size", help="Samples per part file (the unit of distribution and resume)."),

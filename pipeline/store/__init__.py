@@ -11,13 +11,23 @@ labels, the valid mask, statistics and per-sample source references; :func:`veri
 re-checks every object, count and statistic.
 
 Modules, bottom to top: ``layout`` (constants, errors, the stored-dtype codec, plan and array
-definitions), ``chunks`` (direct whole-chunk reads), ``reader`` (:class:`LatentStore`), ``writer``
-(:class:`StoreWriter`, statistics, :func:`write_array_store`), ``admin`` (status, listing, removal,
+definitions), ``chunks`` (direct whole-chunk reads), ``checks`` (the spec against itself and the
+arrays' metadata), ``reader`` (:class:`LatentStore`), ``writer`` (:class:`StoreWriter`, statistics,
+:func:`write_array_store`), ``admin`` (which prefix is a store, status, listing, removal,
 verification).
 """
 from __future__ import annotations
 
-from pipeline.store.admin import StoreStatus, VerifyReport, list_stores, remove_store, store_status, verify_store
+from pipeline.store.admin import (
+    StoreIdentity,
+    StoreStatus,
+    VerifyReport,
+    identify_store,
+    list_stores,
+    remove_store,
+    store_status,
+    verify_store,
+)
 from pipeline.store.layout import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_SAMPLES_PER_SHARD,
@@ -37,12 +47,14 @@ __all__ = [
     "IncompleteStoreError",
     "LatentStore",
     "StoreError",
+    "StoreIdentity",
     "StoreLayout",
     "StorePlan",
     "StoreStatus",
     "StoreWriter",
     "VerifyReport",
     "from_stored",
+    "identify_store",
     "list_stores",
     "merge_partial_stats",
     "remove_store",

@@ -59,23 +59,73 @@ def from_stored(x: np.ndarray, logical_dtype: str) -> np.ndarray:
 # the plan: everything known before encoding
 
 
+# The latents' codec, chosen by `make bench` item `codecs` (docs/store-format.md, "Codecs"): blosc
+# zstd with byte shuffle at level 1 in 1 MiB blocks keeps fewer bytes than zstd-3 at less decode and
+# about the same encode cost.
+DEFAULT_COMPRESSOR = "blosc-zstd"
+# Blosc level and block size (bytes; 0: blosc's choice per level) when a layout names none.
+DEFAULT_BLOSC = {"blosc-zstd": (1, 1 << 20), "blosc-lz4": (5, 0)}
+
+
 @dataclass(frozen=True)
 class StoreLayout:
-    """How latents are laid out at rest (part of the store id)."""
+    """How latents are laid out at rest (part of the store id: :meth:`id_dict`).
+
+    compressor: the latent arrays' codec, one of ``schemas.store_v1.COMPRESSORS``. zstd_level: the
+    level of ``zstd`` and, whatever the compressor, of the small 1-D arrays. blosc_level (0-9) and
+    blosc_blocksize (bytes, 0: blosc's choice): ``blosc-*`` only (None otherwise; :meth:`resolved`
+    fills in :data:`DEFAULT_BLOSC`).
+    """
 
     dtype: Literal["float16", "float32", "bfloat16"] = "float16"
-    compressor: Literal["zstd", "none"] = "zstd"
+    compressor: Literal["blosc-zstd", "blosc-lz4", "zstd", "none"] = DEFAULT_COMPRESSOR
     zstd_level: int = 3
     samples_per_shard: int = DEFAULT_SAMPLES_PER_SHARD
     samples_per_chunk: int | None = None  # None: about DEFAULT_CHUNK_BYTES per chunk
     flips: bool = True
+    blosc_level: int | None = None
+    blosc_blocksize: int | None = None
+
+    @property
+    def is_blosc(self) -> bool:
+        return self.compressor in S.BLOSC_CNAME
+
+    def id_dict(self) -> dict:
+        """The layout as it enters the store id: every field, except the blosc ones while they are
+        None (a store of another codec), so that stores written before blosc keep their ids."""
+        d = dataclasses.asdict(self)
+        for key in ("blosc_level", "blosc_blocksize"):
+            if d[key] is None:
+                del d[key]
+        return d
+
+    def compressor_spec(self) -> dict:
+        """The spec's ``layout.compressor``: name and zstd level; for blosc also clevel, shuffle and
+        block size."""
+        out = {"name": self.compressor, "level": self.zstd_level}
+        if self.is_blosc:
+            out.update(clevel=self.blosc_level, shuffle=S.BLOSC_SHUFFLE, blocksize=self.blosc_blocksize)
+        return out
 
     def resolved(self, latent_shape: tuple[int, int, int]) -> "StoreLayout":
-        """Fill in ``samples_per_chunk`` and check the combination."""
+        """Fill in ``samples_per_chunk`` (and a blosc compressor's level and block size) and check the
+        combination."""
         if self.dtype not in S.LOGICAL_DTYPES:
             raise ValueError(f"layout.dtype {self.dtype!r} is not one of {S.LOGICAL_DTYPES}")
         if self.compressor not in S.COMPRESSORS:
             raise ValueError(f"layout.compressor {self.compressor!r} is not one of {S.COMPRESSORS}")
+        blosc_level, blosc_blocksize = self.blosc_level, self.blosc_blocksize
+        if self.is_blosc:
+            default_level, default_blocksize = DEFAULT_BLOSC[self.compressor]
+            blosc_level = default_level if blosc_level is None else blosc_level
+            blosc_blocksize = default_blocksize if blosc_blocksize is None else blosc_blocksize
+            if not 0 <= blosc_level <= 9:
+                raise ValueError(f"layout.blosc_level must be in [0, 9], got {blosc_level}")
+            if blosc_blocksize < 0:
+                raise ValueError(f"layout.blosc_blocksize must be >= 0 (0: blosc's choice), got {blosc_blocksize}")
+        elif (blosc_level, blosc_blocksize) != (None, None):
+            raise ValueError(f"layout.blosc_level and layout.blosc_blocksize apply to the blosc compressors "
+                             f"only, not to {self.compressor!r}")
         if self.samples_per_shard < 1:
             raise ValueError("layout.samples_per_shard must be >= 1")
         k = self.samples_per_chunk
@@ -87,7 +137,8 @@ class StoreLayout:
             raise ValueError(
                 f"layout.samples_per_chunk ({k}) must divide layout.samples_per_shard ({self.samples_per_shard})"
             )
-        return dataclasses.replace(self, samples_per_chunk=k)
+        return dataclasses.replace(self, samples_per_chunk=k, blosc_level=blosc_level,
+                                   blosc_blocksize=blosc_blocksize)
 
 
 @dataclass(frozen=True)
@@ -124,7 +175,7 @@ class StorePlan:
             "source": {k: self.source[k] for k in ("kind", "split", "fingerprint", "num_items", "order")},
             "classes": self.classes,
             "latent_shape": list(self.latent_shape),
-            "layout": dataclasses.asdict(self.layout),
+            "layout": self.layout.id_dict(),
             "num_samples": self.num_samples,
             "content_hash": self.content_hash,
         }
@@ -166,13 +217,20 @@ class StorePlan:
 
 def _array_definitions(plan: StorePlan) -> dict[str, dict]:
     """Zarr array arguments for every array of the store (identical for metadata and shard writes)."""
-    from zarr.codecs import Crc32cCodec, ZstdCodec
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
     lay = plan.layout
     n, (c, h, w) = plan.num_samples, plan.latent_shape
     s, k = lay.samples_per_shard, lay.samples_per_chunk
     # crc32c on every inner chunk as well as on each shard's index: a flipped bit is an error on read.
-    compressors: list = [ZstdCodec(level=lay.zstd_level, checksum=False)] if lay.compressor == "zstd" else []
+    compressors: list = []
+    if lay.compressor == "zstd":
+        compressors = [ZstdCodec(level=lay.zstd_level, checksum=False)]
+    elif lay.is_blosc:
+        # typesize and shuffle given, not left to zarr to fill in: the metadata states them.
+        compressors = [BloscCodec(cname=S.BLOSC_CNAME[lay.compressor], clevel=lay.blosc_level,
+                                  shuffle=S.BLOSC_SHUFFLE, blocksize=lay.blosc_blocksize,
+                                  typesize=np.dtype(S.STORAGE_DTYPE[lay.dtype]).itemsize)]
     latent = dict(
         shape=(n, c, h, w),
         dtype=S.STORAGE_DTYPE[lay.dtype],

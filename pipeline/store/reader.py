@@ -3,12 +3,14 @@ chunks, labels, the valid mask, statistics and per-sample source references."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from pipeline import uri as U
-from pipeline.store.chunks import _ShardedChunkReader
+from pipeline.store import ranges
+from pipeline.store.chunks import _ShardedChunkReader, warn_slow_path
+from pipeline.store.checks import layout_problems
 from pipeline.store.layout import IncompleteStoreError, StoreError, from_stored
 from schemas import store_v1 as S
 
@@ -65,10 +67,19 @@ class LatentStore:
         self._small: dict[str, np.ndarray] = {}
         self._records: dict[int, dict] = {}
         self._chunk_readers: dict[str, _ShardedChunkReader | None] = {}
+        self._ahead: dict[tuple[int, str], Any] = {}  # (chunk, array) -> read started by prefetch_chunks
 
     @classmethod
-    def open(cls, uri: str, storage_options: dict | None = None, *, require_complete: bool = True) -> "LatentStore":
-        """Open a store; without ``COMPLETE`` (or its spec) raise :class:`IncompleteStoreError`."""
+    def open(cls, uri: str, storage_options: dict | None = None, *, require_complete: bool = True,
+             check_arrays: bool = True) -> "LatentStore":
+        """Open a store; without ``COMPLETE`` raise :class:`IncompleteStoreError`.
+
+        The spec must be valid (:class:`~schemas.store_v1.StoreSpecError` names the key) and, unless
+        ``check_arrays`` is False, agree with itself and with the arrays' Zarr metadata (shapes,
+        dtypes, shard and chunk shapes, codecs, the store id: ``checks.layout_problems``, metadata
+        reads only); a store whose spec does not is refused with a :class:`StoreError` naming the
+        first disagreement (``stores verify`` lists them all).
+        """
         uri = U.normalize(uri)
         so = storage_options or {}
         marker = U.join(uri, S.COMPLETE_MARKER)
@@ -82,12 +93,28 @@ class LatentStore:
         try:
             spec_bytes = U.read_bytes(U.join(uri, S.SPEC_FILE), so)
         except FileNotFoundError:
+            if require_complete:
+                raise StoreError(f"store {uri} has a {S.COMPLETE_MARKER} marker but no {S.SPEC_FILE}") from None
             raise IncompleteStoreError(f"store {uri} has no {S.SPEC_FILE}") from None
         if require_complete:
-            done = json.loads(U.read_bytes(marker, so))
-            if done.get("spec_sha256") != U.sha256_bytes(spec_bytes):
+            try:
+                done = json.loads(U.read_bytes(marker, so))
+            except ValueError as e:
+                raise StoreError(f"{marker} is not valid JSON ({e})") from None
+            if not isinstance(done, dict) or done.get("spec_sha256") != U.sha256_bytes(spec_bytes):
                 raise StoreError(f"{uri}/{S.SPEC_FILE} does not match the checksum in {S.COMPLETE_MARKER}")
-        spec = S.validate_spec(json.loads(spec_bytes))
+        try:
+            spec = S.validate_spec(json.loads(spec_bytes))
+        except ValueError as e:  # StoreSpecError, or JSON that does not parse
+            raise S.StoreSpecError(f"{uri}/{S.SPEC_FILE}: {e}") from None
+        if require_complete and done.get("store_id") != spec["store_id"]:
+            raise StoreError(f"{marker} names store {done.get('store_id')}, {S.SPEC_FILE} store {spec['store_id']}")
+        if check_arrays:
+            problems = layout_problems(uri, spec, so)
+            if problems:
+                more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+                raise StoreError(f"store {uri}: {S.SPEC_FILE} does not match the store: {problems[0]}{more}; "
+                                 "`rae-pipeline stores verify` lists every problem")
         return cls(uri, spec, so)
 
     # -- shape facts, all from the spec
@@ -179,14 +206,7 @@ class LatentStore:
         of it. Reads the shard index once per shard and this object, then one byte range per chunk,
         crc32c-checked (see ``_ShardedChunkReader``); arrays of another layout go through zarr.
         """
-        if array == S.LATENTS_FLIP and not self.has_flips:
-            raise StoreError(f"store {self.uri} keeps no flipped latents")
-        if out is not None:
-            shape = (self.samples_per_chunk,) + tuple(self.latent_shape)
-            itemsize = np.dtype(S.STORAGE_DTYPE[self.logical_dtype]).itemsize
-            if tuple(out.shape) != shape or out.dtype.itemsize != itemsize or not out.flags.c_contiguous:
-                raise ValueError(f"out must be a C-contiguous {list(shape)} array of {itemsize}-byte items, "
-                                 f"got {list(out.shape)} {out.dtype}")
+        self._check_read(array, out)
         start, stop = self.chunk_bounds(chunk)
         try:
             reader = self._chunk_reader(array)
@@ -201,11 +221,78 @@ class LatentStore:
         except StoreError:
             raise
         except Exception as e:  # crc32c, zstd, I/O: several types
-            shard = self.shard_of(start)
-            raise StoreError(
-                f"store {self.uri}: reading {array}[{start}:{stop}] failed in shard(s) [{shard}] "
-                f"(object {array}/c/{shard}/0/0/0): {type(e).__name__}: {e}"
-            ) from e
+            raise self._chunk_error(chunk, array, e) from e
+
+    def read_chunks_stored(self, reads: list[tuple[int, str, np.ndarray]],
+                           ahead: list[tuple[int, str]] | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """Several whole inner chunks as stored, each ``(chunk, array, out)`` as in
+        :meth:`read_chunk_stored` (``out`` required); yields ``(position in reads, the chunk's rows:
+        a view of its out)`` as each chunk is decoded. ``ahead``: chunks ``(chunk, array)`` to
+        :meth:`prefetch_chunks` once these reads are under way.
+
+        From an object store with an asynchronous client (s3fs, gcsfs...) every read's range GET is
+        in flight at once (after its shard's index, read once) and chunks are decoded in the order
+        their bytes arrive, so a batch of reads costs about one request latency, not one each
+        (``pipeline.store.ranges``); reads started by :meth:`prefetch_chunks` are taken over. Local
+        files and arrays read through zarr: one after another, in order. Each ``out`` is written
+        just before its position is yielded. Errors as :meth:`read_chunk_stored` (a StoreError
+        naming the shard).
+        """
+        for _, array, out in reads:
+            if out is None:
+                raise ValueError("read_chunks_stored: every read needs its out buffer")
+            self._check_read(array, out)
+        readers = {array: self._chunk_reader(array) for array in {array for _, array, _ in reads}}
+        if not all(r is not None and r.concurrent for r in readers.values()):
+            for pos, (chunk, array, out) in enumerate(reads):
+                yield pos, self.read_chunk_stored(chunk, array, out)
+            return
+        requests = [(readers[array], chunk, out) for chunk, array, out in reads]
+        started = [self._ahead.pop((chunk, array), None) for chunk, array, _ in reads]
+        try:
+            for pos in ranges.read_concurrently(requests, started,
+                                                then=(lambda: self.prefetch_chunks(ahead)) if ahead else None):
+                chunk, _, out = reads[pos]
+                start, stop = self.chunk_bounds(chunk)
+                yield pos, out[:stop - start]
+        except ranges.ChunkReadError as e:
+            chunk, array, _ = reads[e.position]
+            raise self._chunk_error(chunk, array, e.cause) from e.cause
+
+    def prefetch_chunks(self, reads: list[tuple[int, str]]) -> None:
+        """Start the range GETs of chunks ``(chunk, array)`` about to be read, so that a later
+        :meth:`read_chunks_stored` of them finds their bytes in flight or arrived (object stores
+        with an asynchronous client; elsewhere nothing happens). Replaces the previous prefetch:
+        reads started then and not taken over since are cancelled, so this holds the compressed
+        bytes of at most the chunks named in the last call."""
+        ahead = {}
+        for chunk, array in reads:
+            key = (chunk, array)
+            if key in self._ahead:
+                ahead[key] = self._ahead.pop(key)
+                continue
+            reader = self._chunk_reader(array) if array != S.LATENTS_FLIP or self.has_flips else None
+            if reader is not None and reader.concurrent:
+                ahead[key] = ranges.start(reader, chunk)
+        for stale in self._ahead.values():
+            stale.cancel()
+        self._ahead = ahead
+
+    def _check_read(self, array: str, out: np.ndarray | None) -> None:
+        if array == S.LATENTS_FLIP and not self.has_flips:
+            raise StoreError(f"store {self.uri} keeps no flipped latents")
+        if out is not None:
+            shape = (self.samples_per_chunk,) + tuple(self.latent_shape)
+            itemsize = np.dtype(S.STORAGE_DTYPE[self.logical_dtype]).itemsize
+            if tuple(out.shape) != shape or out.dtype.itemsize != itemsize or not out.flags.c_contiguous:
+                raise ValueError(f"out must be a C-contiguous {list(shape)} array of {itemsize}-byte items, "
+                                 f"got {list(out.shape)} {out.dtype}")
+
+    def _chunk_error(self, chunk: int, array: str, e: BaseException) -> StoreError:
+        start, stop = self.chunk_bounds(chunk)
+        shard = self.shard_of(start)
+        return StoreError(f"store {self.uri}: reading {array}[{start}:{stop}] failed in shard(s) [{shard}] "
+                          f"(object {array}/c/{shard}/0/0/0): {type(e).__name__}: {e}")
 
     def _chunk_reader(self, array: str) -> "_ShardedChunkReader | None":
         if array not in self._chunk_readers:
@@ -214,8 +301,11 @@ class LatentStore:
             except FileNotFoundError:
                 raise StoreError(f"{self.uri}: array {array!r} is missing") from None
             reader = _ShardedChunkReader.create(self.uri, array, self.storage_options, meta)
-            if reader is not None and (reader.rows, reader.shard_rows) != (self.samples_per_chunk,
-                                                                            self.samples_per_shard):
+            if reader is None:
+                warn_slow_path(self.uri, array, meta, "a layout or codec it does not decode")
+            elif (reader.rows, reader.shard_rows) != (self.samples_per_chunk, self.samples_per_shard):
+                warn_slow_path(self.uri, array, meta, f"chunks of {reader.rows} rows in shards of {reader.shard_rows}, "
+                               f"the spec says {self.samples_per_chunk} in {self.samples_per_shard}")
                 reader = None
             self._chunk_readers[array] = reader
         return self._chunk_readers[array]
@@ -252,4 +342,5 @@ class LatentStore:
         d = dict(self.__dict__)
         d["_raw"] = _RawArrays(self.uri, self.storage_options)
         d["_chunk_readers"] = {}
+        d["_ahead"] = {}
         return d

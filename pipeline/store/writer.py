@@ -2,9 +2,11 @@
 the per-shard and merged statistics, and :func:`write_array_store` (a whole store from arrays)."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
-from typing import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -117,12 +119,11 @@ class StoreWriter:
     def create(self) -> "StoreWriter":
         """Write the group and array metadata. An existing store with other metadata is an error."""
         objects, _ = _memory_group(self.plan)
-        fs, _ = U.get_fs(self.uri, self.storage_options)
         for key, data in _object_bytes(objects).items():
             target = self._key(key)
-            _, path = U.get_fs(target, self.storage_options)
-            if fs.exists(path):
-                if fs.cat_file(path) != data:
+            # Through the uri helpers: a storage failure here (the job's first write) is a StorageError naming it.
+            if U.exists(target, self.storage_options):
+                if U.read_bytes(target, self.storage_options) != data:
                     raise StoreError(
                         f"{target} exists with other metadata than store {self.plan.store_id} expects; "
                         "refusing to mix two stores in one location"
@@ -143,9 +144,11 @@ class StoreWriter:
 
     def pending_shards(self) -> list[int]:
         """Shards without a completion record (one listing of the records folder)."""
-        fs, path = U.get_fs(self._key(S.RECORDS_DIR), self.storage_options)
+        records = self._key(S.RECORDS_DIR)
+        fs, path = U.get_fs(records, self.storage_options)
         try:
-            names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
+            with U.storage_errors(records, "cannot list", self.storage_options, passthrough=(FileNotFoundError,)):
+                names = {p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)}
         except FileNotFoundError:
             names = set()
         return [s for s in range(self.plan.num_shards) if S.record_name(s).rsplit("/", 1)[-1] not in names]
@@ -164,13 +167,16 @@ class StoreWriter:
         latents_flip: np.ndarray | None = None,
         samples: list[dict] | None = None,
         failures: list[dict] | None = None,
+        written_by: dict | None = None,
     ) -> dict:
         """Write rows ``shard_bounds(shard)`` of every array, then the shard's completion record.
 
         latents, latents_flip: float32 [n, C, H, W] (rows of invalid samples are ignored and stored as
         zeros); labels int [n]; valid bool [n]; sample_ids int [n]; samples: per-row source references
         (``index``, ``id``, ``key``, ``uri``, ``row``, ``size``, ``sha256``, ``label``); failures:
-        ``{"index", "id", "key", "reason"}`` for the invalid rows. Returns the record.
+        ``{"index", "id", "key", "reason"}`` for the invalid rows; written_by: the Ray node that wrote
+        the shard (``{"node_id", "node_ip", "hostname"}``), recorded as the record's ``written_by``
+        (provenance: the one host-dependent field of a store, outside every object hash). Returns the record.
         """
         plan = self.plan
         start, stop = plan.shard_bounds(shard)
@@ -231,6 +237,8 @@ class StoreWriter:
             "objects": hashes,
             "content_hash": hashlib.sha256(U.canonical_json(hashes)).hexdigest(),
         }
+        if written_by is not None:
+            record[S.RECORD_WRITTEN_BY] = dict(written_by)
         U.write_json(self._key(S.record_name(shard)), record, self.storage_options)
         return record
 
@@ -242,7 +250,13 @@ class StoreWriter:
             raise IncompleteStoreError(
                 f"store {self.uri}: {len(missing)} shard(s) have no completion record (first: {missing[:5]})"
             )
-        records = [U.read_json(self._key(S.record_name(s)), self.storage_options) for s in range(plan.num_shards)]
+        # Only what the spec and the statistics need of each record (not its per-row sources: about
+        # 0.8 GB of parsed JSON for ImageNet), fetched FINALIZE_FETCHES at a time, kept in shard order.
+        def summary(shard: int) -> dict:
+            rec = U.read_json(self._key(S.record_name(shard)), self.storage_options)
+            return {k: rec[k] for k in _RECORD_SUMMARY}
+
+        records = list(_in_order(summary, range(plan.num_shards), FINALIZE_FETCHES))
         for r in records:
             if r["store_id"] != plan.store_id:
                 raise StoreError(f"{self._key(S.record_name(r['shard']))} belongs to store {r['store_id']}")
@@ -279,7 +293,7 @@ class StoreWriter:
                 "samples_per_shard": lay.samples_per_shard,
                 "samples_per_chunk": lay.samples_per_chunk,
                 "num_shards": plan.num_shards,
-                "compressor": {"name": lay.compressor, "level": lay.zstd_level},
+                "compressor": lay.compressor_spec(),
                 "checksum": "crc32c",
                 "flips": lay.flips,
                 "arrays": {
@@ -328,6 +342,25 @@ class StoreWriter:
         return spec
 
 
+# Objects a finalize fetches at once (a record, then a shard's two partial statistics): an object store
+# answers each GET after tens of ms, and an ImageNet store has ~5,000 shards.
+FINALIZE_FETCHES = 16
+_RECORD_SUMMARY = ("store_id", "shard", "start", "stop", "num_valid", "stats_count", "failures", "content_hash")
+
+
+def _in_order(fn: Callable, items: Iterable, workers: int) -> Iterator:
+    """``fn(item)`` for every item, ``workers`` at a time on threads, yielded in the items' order
+    (at most ``workers`` results wait to be taken)."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="finalize") as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def _check_rows(name: str, a, n: int, shard: int, tail: tuple | None = None) -> None:
     shape = np.shape(a)
     want = (n,) + tuple(tail or ())
@@ -336,15 +369,16 @@ def _check_rows(name: str, a, n: int, shard: int, tail: tuple | None = None) -> 
 
 
 def _merged_stats(reader: "_RawArrays", records: list[dict], latent_shape) -> tuple[int, np.ndarray, np.ndarray]:
-    def parts():
-        for r in records:
-            n = r["stats_count"]
-            if n == 0:
-                yield 0, None, None
-            else:
-                yield n, reader.read(S.PARTIAL_MEAN, r["shard"]), reader.read(S.PARTIAL_M2, r["shard"])
+    def part(r: dict):
+        n = r["stats_count"]
+        if n == 0:
+            return 0, None, None
+        return n, reader.read(S.PARTIAL_MEAN, r["shard"]), reader.read(S.PARTIAL_M2, r["shard"])
 
-    count, mean, m2 = merge_partial_stats(parts())
+    if any(r["stats_count"] for r in records):
+        reader.array(S.PARTIAL_MEAN), reader.array(S.PARTIAL_M2)  # opened here, before the threads share them
+    # Fetched FINALIZE_FETCHES shards at a time, merged strictly in shard order: the same bits as one by one.
+    count, mean, m2 = merge_partial_stats(_in_order(part, records, FINALIZE_FETCHES))
     if count == 0:
         return 0, np.zeros(latent_shape), np.ones(latent_shape)
     return count, mean, m2 / count

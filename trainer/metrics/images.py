@@ -86,18 +86,47 @@ def open_npz(uri: str) -> Mapping[str, np.ndarray]:
     return _NpzArrays(location, npz)
 
 
+def _npz_member_dtype(npz, key: str) -> np.dtype | None:
+    """The dtype in the ``.npy`` header of the member ``key`` (header only: no data read, nothing
+    unpickled); None for a header version without a public reader (numpy's own check then applies)."""
+    name = key + ".npy" if key + ".npy" in npz.zip.namelist() else key
+    with npz.zip.open(name) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)[2]
+        if version == (2, 0):
+            return np.lib.format.read_array_header_2_0(f)[2]
+    return None
+
+
 class _NpzArrays(Mapping):
+    """Arrays of an ``.npz`` by name. A member holding Python objects (dtype object: only a pickle
+    can rebuild it, and unpickling can run code) is refused with an EvaluationError, as is an
+    unreadable one; neither is ever unpickled (``allow_pickle=False``)."""
+
     def __init__(self, location: str, npz):
         self.location, self.npz = location, npz
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self.npz.files:
             raise KeyError(key)
-        if U.is_local(self.location):
-            mapped = _npz_member_memmap(self.location, key + ".npy")
-            if mapped is not None:
-                return mapped
-        return self.npz[key]
+        where = f"{self.location}: array {key!r}"
+        try:
+            dtype = _npz_member_dtype(self.npz, key)
+            if dtype is not None and dtype.hasobject:
+                raise EvaluationError(
+                    f"{where} holds Python objects (dtype object), refused: reading it would unpickle "
+                    "(which can run code). Save plain numeric arrays, e.g. uint8 [N, H, W, 3] images in arr_0"
+                )
+            if U.is_local(self.location):
+                mapped = _npz_member_memmap(self.location, key + ".npy")
+                if mapped is not None:
+                    return mapped
+            return self.npz[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            if isinstance(e, EvaluationError):
+                raise
+            raise EvaluationError(f"{where} is unreadable ({type(e).__name__}: {e})") from e
 
     def __iter__(self):
         return iter(self.npz.files)

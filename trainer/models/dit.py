@@ -400,9 +400,10 @@ class DiT(_DiTBase):
 
     Follows the reference `LightningDiT` forward: c = t_emb + y_emb *without* an outer SiLU (each
     adaLN applies SiLU once), Xavier-init Linears, final layer conditioned on c. Keys: x_embedder,
-    pos_embed, t_embedder, y_embedder, feat_rope, blocks, final_layer. The reference's default
-    `learn_sigma=True` doubles final_layer.linear's rows and discards the second C channels; we predict
-    only the velocity (for p = 1, keep the first C rows of such a file's final linear).
+    pos_embed, t_embedder, y_embedder, feat_rope, blocks, final_layer. The reference built with
+    `learn_sigma=True` (the released code defaults to False; an early version to True) doubles
+    final_layer.linear's rows and discards the second C channels; we predict only the velocity
+    (trainer/interop.py keeps the velocity outputs of such a file's final linear).
     """
 
     xavier_linears = True
