@@ -20,6 +20,8 @@ import tempfile
 import pytest
 from typer.testing import CliRunner
 
+from bench.drills.security import scan_bytes, secret_forms
+from bench.drills.security import scan_tree as drill_scan_tree
 from pipeline.cli import app
 
 runner = CliRunner()
@@ -31,39 +33,9 @@ ENCODE = ["encode", "--encoder", "dinov2", "--weights", "random", "--split", "va
           "--no-progress"]
 
 
-def secret_forms(secret: str) -> dict[str, bytes]:
-    """The byte strings that give ``secret`` away: itself, its hex (both cases), and its standard and
-    URL-safe base64 at each of the 3 alignments it can have inside a longer encoded blob (the
-    characters that depend on the secret alone)."""
-    raw = secret.encode()
-    forms = {"plain": raw, "hex": raw.hex().encode(), "HEX": raw.hex().upper().encode()}
-    for pad in range(3):
-        first = -(-8 * pad // 6)  # the first base64 character made of the secret's bits only
-        last = 8 * (pad + len(raw)) // 6  # one past the last such character
-        for name, enc in (("base64", base64.b64encode), ("base64url", base64.urlsafe_b64encode)):
-            forms[f"{name}@{pad}"] = enc(b"\0" * pad + raw)[first:last]
-    return forms
-
-
-def scan_bytes(data: bytes, where: str, forms: dict[str, bytes]) -> list[str]:
-    return [f"{where}: {name} x{data.count(form)}" for name, form in forms.items() if form in data]
-
-
 def scan_tree(root: str, forms: dict[str, bytes]) -> list[str]:
-    """Hits in every regular file under ``root`` (sockets, pipes and vanished files skipped)."""
-    hits = []
-    for folder, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(folder, name)
-            if not os.path.isfile(path) or os.path.islink(path):
-                continue
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue
-            hits += scan_bytes(data, path, forms)
-    return hits
+    """Hits in every regular file under ``root`` (the drill's scan, without its file count)."""
+    return drill_scan_tree(root, forms)[0]
 
 
 def scan_s3_prefix(endpoint: str, bucket: str, prefix: str, forms: dict[str, bytes]) -> tuple[list[str], int]:

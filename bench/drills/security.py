@@ -37,7 +37,7 @@ def secret_forms(secret: str) -> dict[str, bytes]:
     return forms
 
 
-def _scan(data: bytes, where: str, forms: dict[str, bytes]) -> list[str]:
+def scan_bytes(data: bytes, where: str, forms: dict[str, bytes]) -> list[str]:
     return [f"{where} ({name})" for name, form in forms.items() if form in data]
 
 
@@ -55,7 +55,7 @@ def scan_tree(root: str, forms: dict[str, bytes]) -> tuple[list[str], int]:
             except OSError:
                 continue
             files += 1
-            hits += _scan(data, path, forms)
+            hits += scan_bytes(data, path, forms)
     return hits, files
 
 
@@ -65,7 +65,7 @@ def scan_s3(ctx: DrillContext, prefix: str, forms: dict[str, bytes]) -> tuple[li
     hits, count = [], 0
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix=prefix):
         for obj in page.get("Contents", []):
-            hits += _scan(client.get_object(Bucket=S3_BUCKET, Key=obj["Key"])["Body"].read(),
+            hits += scan_bytes(client.get_object(Bucket=S3_BUCKET, Key=obj["Key"])["Body"].read(),
                           f"s3://{S3_BUCKET}/{obj['Key']}", forms)
             count += 1
     return hits, count
