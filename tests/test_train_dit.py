@@ -270,21 +270,29 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(store, tmp_path, 
 
 
 @pytest.mark.timeout(120)
+def sigterm_once_logging(metrics, *, timeout_s: float, poll_s: float) -> threading.Thread:
+    """A started thread that SIGTERMs this process once ``metrics`` (a run's metrics.jsonl) has a
+    line: the handler is installed before the first step is logged."""
+
+    def send_when_training():
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if metrics.exists() and metrics.stat().st_size > 0:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(poll_s)
+
+    sender = threading.Thread(target=send_when_training, daemon=True)
+    sender.start()
+    return sender
+
+
 def test_sigterm_saves_a_checkpoint_and_stops(store, tmp_path):
     """SIGTERM mid-run: the loop saves at the current step and returns normally; the run then resumes."""
     run = tmp_path / "run"
     metrics = run / "logs" / "metrics.jsonl"
 
-    def send_when_training():  # the handler is installed before the first step is logged
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if metrics.exists() and metrics.stat().st_size > 0:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.01)
-
-    sender = threading.Thread(target=send_when_training, daemon=True)
-    sender.start()
+    sender = sigterm_once_logging(metrics, timeout_s=60, poll_s=0.01)
     result = _train(_cfg("train.max_steps=100000", "train.log_every=1", "train.ckpt_every=100000"), store, run)
     sender.join()
     assert result.stopped_by == "sigterm" and 1 <= result.step < 100000

@@ -9,7 +9,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -152,16 +151,9 @@ def test_sigterm_saves_then_fit_decoder_exits_143(tmp_path):
     run = tmp_path / "run"
     metrics = run / "logs" / "metrics.jsonl"
 
-    def send_when_training():  # the handler is installed before the first step is logged
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            if metrics.exists() and metrics.stat().st_size > 0:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.02)
+    from tests.test_train_dit import sigterm_once_logging
 
-    sender = threading.Thread(target=send_when_training, daemon=True)
-    sender.start()
+    sender = sigterm_once_logging(metrics, timeout_s=90, poll_s=0.02)
     sets = sum((["--set", s] for s in CHEAP + ["data.global_batch=4", "train.max_steps=100000", "train.epochs=null",
                                                "train.log_every=1", "train.ckpt_every=100000"]), [])
     result = runner.invoke(app, ["fit-decoder", "--store", dstore.uri, "--run-dir", str(run), "--preset", "debug",
