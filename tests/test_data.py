@@ -303,6 +303,46 @@ def test_normalizes_with_the_store_statistics(random_store):
     assert abs(x.mean()) < 0.1 and abs(x.var() - 1) < 0.1
 
 
+def test_cpu_batches_are_the_normalizer_applied_to_the_stored_values(random_store, tmp_path):
+    """On the CPU the loader converts and normalizes on the consumer's side: bit for bit
+    ``LatentNormalizer.normalize_`` of the float16 stored values, with and without workers."""
+    _, lat = random_store
+    store = write_array_store(str(tmp_path / "f16"), lat, np.arange(len(lat)), num_classes=len(lat),
+                              layout=StoreLayout(dtype="float16", samples_per_shard=8, samples_per_chunk=4))
+    norm = LatentNormalizer.from_store(store)
+    stored = torch.from_numpy(store.read_rows(0, store.num_samples))  # float16 values, as float32
+    for workers in (0, 2):
+        (x, y), = _take(_loader(store, batch=24, streams=1, workers=workers, normalizer=norm), 1)
+        assert x.dtype == torch.float32
+        assert torch.equal(x, norm.normalize_(stored[y].clone()))
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_batches_held_by_the_consumer_are_never_reused(flip_store, prefetch):
+    """Batch memory is recycled only once nothing holds it: batches, views of them and numpy
+    views kept for many steps still hold their values."""
+    loader = _loader(flip_store, batch=8, streams=2, block=1, prefetch_batches=prefetch)
+    it = iter(loader)
+    kept, copies = [], []
+    for step in range(12):
+        x, y = next(it)
+        _check_rows(x, y)
+        if step % 3 == 0:
+            kept.append((x, y) if step % 2 else (x[2:5], y[2:5]))  # a whole batch, or a view of one
+            copies.append((kept[-1][0].clone(), kept[-1][1].clone()))
+        elif step % 3 == 1:
+            kept.append((x.numpy(), None))
+            copies.append((x.numpy().copy(), None))
+        del x, y
+    for (x, y), (cx, cy) in zip(kept, copies):
+        if y is None:
+            assert np.array_equal(x, cx)
+        else:
+            assert torch.equal(x, cx) and torch.equal(y, cy)
+    it.close()
+    loader.close()
+
+
 def test_normalizes_with_a_stat_file_holding_var_only(random_store, tmp_path):
     store, lat = random_store
     var = np.random.default_rng(1).uniform(0.5, 4, SHAPE).astype(np.float32)

@@ -18,6 +18,7 @@ from pipeline.store import (
     identify_store,
     list_stores,
     remove_store,
+    shard_partial_stats,
     store_status,
     verify_store,
     write_array_store,
@@ -277,3 +278,38 @@ def test_verify_recomputes_the_statistics_of_every_dtype(tmp_path, dtype):
                            layout=StoreLayout(dtype=dtype, samples_per_shard=4, samples_per_chunk=2))
     report = verify_store(st.uri, workers=2)
     assert report.ok and report.checked_shards == 3, report.problems
+
+
+def test_tiled_partial_statistics_equal_the_whole_array_definition():
+    """shard_partial_stats works on column tiles (cache-sized); the result is bit for bit the
+    definition on the whole float64 array, which existing stores' partial statistics hold."""
+    rng = np.random.default_rng(3)
+    for rows, shape, dtype in [(1, (8, 4, 4), np.float16), (37, (5, 7, 3), np.float32),
+                               (300, (96, 16, 16), np.float16), (2, (70_000,), np.float16)]:
+        parts = [(rng.standard_normal((rows,) + shape) * 3 + 1).astype(dtype),
+                 (rng.standard_normal((rows // 2,) + shape)).astype(dtype)]
+        x = np.concatenate([p.astype(np.float64) for p in parts])
+        mean = x.mean(axis=0)
+        count, got_mean, got_m2 = shard_partial_stats(parts)
+        assert count == len(x)
+        assert got_mean.tobytes() == mean.tobytes()
+        assert got_m2.tobytes() == ((x - mean) ** 2).sum(axis=0).tobytes()
+    assert shard_partial_stats([np.zeros((0, 4))])[0] == 0
+
+
+def test_verify_decodes_whole_shards_with_the_chunk_checks(tmp_path):
+    """The verifier decodes each shard object from the bytes it hashed, chunk by chunk, with the
+    reader's checks: the rows equal the store's; a flipped byte or a cut object is named."""
+    rng = np.random.default_rng(2)
+    lat = rng.standard_normal((10, 8, 4, 4)).astype(np.float32)
+    st = write_array_store(str(tmp_path / "s"), lat, np.zeros(10, int), num_classes=1,
+                           layout=StoreLayout(dtype="float16", samples_per_shard=4, samples_per_chunk=2))
+    reader = st._chunk_reader(S.LATENTS)
+    data = (tmp_path / "s" / reader.object_key(2)).read_bytes()  # the last shard: rows 8-9
+    assert np.array_equal(reader.decode_shard(data, 2), st.read_chunk_stored(4))
+    bad = bytearray(data)
+    bad[5] ^= 0xFF
+    with pytest.raises(ValueError, match="chunk 0 of the shard: stored and computed crc32c differ"):
+        reader.decode_shard(bytes(bad), 2)
+    with pytest.raises(ValueError, match="shorter than its index"):
+        reader.decode_shard(data[:10], 2)

@@ -28,12 +28,14 @@ read-ahead), so only small tuples cross processes. From an object store a worker
 GETs of its group in flight at once, decodes each chunk as its bytes arrive, and starts the GETs of
 the next group it will be given as soon as these are under way (``LatentStore.read_chunks_stored``),
 so the rate does not hang on the request latency; the groups are sized from ``read_ahead_bytes`` and
-the DataLoader hands them back in order, so the batches do not depend on which GET came first. On the
-CPU the workers also convert to float32 and normalize; for other devices slots and batches keep the
-stored dtype (half the bytes) and the device converts and normalizes. The main process assembles
-local batches (in a background thread, ``prefetch_batches`` ahead) by copying rows from the slots
-straight into the batch (pinned on CUDA): one copy per sample, no concatenation of blocks, and no
-torch intra-op threads (numpy, without the GIL).
+the DataLoader hands them back in order, so the batches do not depend on which GET came first. Slots
+and assembled batches keep the stored dtype (float16: half the bytes of float32); the device converts
+and normalizes (the CPU too: into reused float32 batches, with torch's intra-op threads, in the
+consumer's thread). The main process assembles local batches (in a background thread,
+``prefetch_batches`` ahead) by copying rows from the slots straight into the batch (pinned on CUDA):
+one copy per sample, no concatenation of blocks, and no torch intra-op threads (numpy, without the
+GIL). Batch memory is reused once nothing holds it (:class:`_HostBatches`), so no batch pays for
+fresh pages.
 """
 from __future__ import annotations
 
@@ -51,7 +53,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.config import ConfigError
-from pipeline.store import LatentStore, StoreError
+from pipeline import uri as U
+from pipeline.store import ChunkCache, LatentStore, StoreError
 from schemas import store_v1 as S
 from trainer.data_reads import _STORED_TORCH_DTYPE, ChunkReads, _numpy_view, _ReadOrder, _Slots
 from trainer.normalize import LatentNormalizer
@@ -75,13 +78,18 @@ class LoaderConfig:
         assembles, in flight or waiting to be served: split into num_workers * prefetch_factor groups
         (at most a block each). From an object store a worker has the range GETs of its group in
         flight at once, and those of its next group as soon as these are under way. Memory: one
-        chunk slot per chunk of it (float32 slots on the CPU: twice the stored float16 bytes), and
-        per worker the compressed bytes of its next group. 0: one chunk per item, one GET at a time
+        chunk slot (stored dtype) per chunk of it, and per worker the compressed bytes of its next
+        group. 0: one chunk per item, one GET at a time
         per worker (the read path before read-ahead).
     num_streams: P, the fixed partition of each epoch (None: the world size of the first run).
         Runs with the same P and global batch see the same global batches whatever the world size.
     seed: seeds the chunk permutation, block shuffles and orientations of every epoch.
     prefetch_batches: local batches assembled ahead in a background thread (0: in the consumer).
+    chunk_cache: a local folder (e.g. on NVMe) keeping the chunk bytes read from the store, so
+        later epochs from an object store read them from the disk (``pipeline.store.cache``: checked
+        with their crc32c like any read, a corrupt entry is read from the store again; shared by
+        every worker and rank of a node). None: no cache.
+    chunk_cache_bytes: the cache folder's size bound; least recently used chunks are deleted.
     """
 
     global_batch: int = 1024
@@ -95,11 +103,13 @@ class LoaderConfig:
     # groups of 5 for 2 workers x prefetch_factor 2; a worker has its group's GETs and its next
     # group's in flight: up to 20 per rank, 2-4x the need (latency tails, ragged group ends, one
     # worker decoding while the other waits). Slots: 5 groups of 5 beside the blocks served, ~80 MB
-    # (float16; ~160 MB of float32 slots on the CPU).
+    # (float16).
     read_ahead_bytes: int = 64 * 2**20
     num_streams: int | None = None
     seed: int = 0
     prefetch_batches: int = 1
+    chunk_cache: str | None = None
+    chunk_cache_bytes: int = 256 * 2**30
 
 
 class LoaderConfigError(ConfigError):
@@ -111,7 +121,7 @@ def check_loader_config(cfg: LoaderConfig, prefix: str = "data.", world_size: in
     ranks; empty when fine. What also needs the store is checked when the loader is built."""
     problems = []
     for key, low in (("global_batch", 1), ("block_chunks", 1), ("num_workers", 0), ("prefetch_factor", 1),
-                     ("prefetch_batches", 0), ("seed", 0), ("read_ahead_bytes", 0)):
+                     ("prefetch_batches", 0), ("seed", 0), ("read_ahead_bytes", 0), ("chunk_cache_bytes", 1)):
         if getattr(cfg, key) < low:
             problems.append(f"{prefix}{key} must be >= {low}, got {getattr(cfg, key)}")
     if cfg.global_batch >= 1 and cfg.global_batch % world_size:
@@ -320,6 +330,29 @@ class _Cursor:
         return slots
 
 
+class _HostBatches:
+    """Batch arrays for CPU batches, reused once nothing holds them any more (their reference count:
+    the tensors and views handed out hold a reference to the array they were made from). Fresh
+    memory for every batch costs a page fault and the zeroing of every page written (in the
+    assembling thread, whose malloc arena returns large blocks to the system); a reused array is
+    written in place. At most ``keep`` arrays are kept; beyond them (a consumer holding many
+    batches) batches are allocated fresh."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, keep: int):
+        self.shape, self.dtype, self.keep = shape, dtype, keep
+        self._arrays: list[np.ndarray] = []
+
+    def get(self) -> np.ndarray:
+        for i in range(len(self._arrays)):
+            # 2: the list's reference and the argument's; any tensor or view handed out adds one.
+            if sys.getrefcount(self._arrays[i]) <= 2:
+                return self._arrays[i]
+        a = np.empty(self.shape, dtype=self.dtype)
+        if len(self._arrays) < self.keep:
+            self._arrays.append(a)
+        return a
+
+
 class _Prefetcher:
     """Runs a batch generator in a daemon thread, ``depth`` batches ahead; re-raises its errors."""
 
@@ -407,6 +440,10 @@ class LatentLoader:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._check_config()
+        if cfg.chunk_cache:
+            if not U.is_local(cfg.chunk_cache):
+                raise LoaderConfigError(f"data.chunk_cache must be a local folder, got {cfg.chunk_cache}")
+            self.store.use_chunk_cache(ChunkCache(U.normalize(cfg.chunk_cache), cfg.chunk_cache_bytes))
         self.num_valid = int(self.store.valid().sum())
         if self.num_valid == 0:
             raise StoreError(f"store {self.store.uri} has no valid samples")
@@ -420,10 +457,9 @@ class LatentLoader:
         self.last_wait_s = self.total_wait_s = 0.0
         self.chunks_held = self.max_chunks_held = 0
         self._labels = self.store.labels()
-        # On the CPU the readers normalize (float32, in parallel); elsewhere batches travel in the
-        # stored dtype and are converted and normalized on the device.
-        self._on_host = self.device.type == "cpu"
+        # Batches travel in the stored dtype and are converted and normalized on the device.
         self._pin = self.device.type == "cuda"
+        self._outputs: _HostBatches | None = None  # float32 CPU batches handed out
         self._dataloader: DataLoader | None = None
         self._slots: _Slots | None = None
         self._active = None
@@ -571,14 +607,10 @@ class LatentLoader:
         if self._dataloader is None:
             w = self.cfg.num_workers
             chunk_shape = (self.store.samples_per_chunk,) + tuple(self.store.latent_shape)
-            dtype = torch.float32 if self._on_host else _STORED_TORCH_DTYPE[self.store.logical_dtype]
+            dtype = _STORED_TORCH_DTYPE[self.store.logical_dtype]
             self._slots = _Slots(self._slots_needed(), chunk_shape, dtype, shared=w > 0)
-            shift = scale = None
-            if self._on_host:
-                shift, scale = (t.detach().to("cpu", torch.float32).clone()
-                                for t in (self.normalizer._shift, self.normalizer._scale))
             self._dataloader = DataLoader(
-                ChunkReads(self.store, self._slots.buffers, shift, scale),
+                ChunkReads(self.store, self._slots.buffers),
                 batch_size=None,
                 sampler=_ReadOrder(self, self._slots, self.reads_per_group,
                                    max(1, w) if self.cfg.read_ahead_bytes else 0),
@@ -590,23 +622,23 @@ class LatentLoader:
         return iter(self._dataloader)
 
     def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Host batches from ``_iter_start`` on: float32 normalized when the device is the CPU, else
-        the stored dtype (in pinned memory on CUDA)."""
+        """Host batches from ``_iter_start`` on, in the stored dtype (in pinned memory on CUDA)."""
         schedule, reads = self._schedule(), self._reads()
         slots = self._slots
         pending: collections.deque = collections.deque()  # reads handed over, not yet in a cursor
         cursors = {p: _Cursor() for p in self.streams}
         per_stream, spc = self.cfg.global_batch // self.num_streams, self.store.samples_per_chunk
         shape = (self.local_batch,) + tuple(self.store.latent_shape)
+        batches = None if self._pin else _HostBatches(shape, slots.rows.dtype, self.cfg.prefetch_batches + 3)
         while True:
             if self._pin:
                 x = torch.empty(shape, dtype=slots.buffers.dtype, pin_memory=True)  # cached by torch
                 y = torch.empty(self.local_batch, dtype=torch.int64, pin_memory=True)
                 xs, ys = _numpy_view(x), y.numpy()
             else:
-                # numpy's allocation: malloc reuses freed heap memory of the batch size, while large
-                # torch CPU allocations may come as fresh pages (a page fault per 4 KiB written).
-                xs, ys = np.empty(shape, dtype=slots.rows.dtype), np.empty(self.local_batch, dtype=np.int64)
+                # A batch array nobody holds any more, or a new one (fresh memory costs page faults).
+                x = xs = None  # this frame's hold on the batch handed out last
+                xs, ys = batches.get(), np.empty(self.local_batch, dtype=np.int64)
                 x = torch.from_numpy(xs) if slots.buffers.dtype != torch.bfloat16 else \
                     torch.from_numpy(xs.view(np.int16)).view(torch.bfloat16)
                 y = torch.from_numpy(ys)
@@ -654,7 +686,9 @@ class LatentLoader:
                 x, y = source.get()
                 self.last_wait_s = time.perf_counter() - t0
                 self.total_wait_s += self.last_wait_s
-                if not self._on_host:
+                if self.device.type == "cpu":
+                    x = self.normalizer.normalize_(self._float32_output(x))
+                else:
                     x = x.to(self.device, non_blocking=self._pin)
                     if x.dtype != torch.float32:
                         x = x.float()  # exact from float16/bfloat16
@@ -665,6 +699,16 @@ class LatentLoader:
         finally:
             if self._active is source:
                 self._stop_active()
+
+    def _float32_output(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (a CPU batch in the stored dtype) converted into a float32 batch: exact; a reused
+        array when one is free (a fresh 25 MB tensor per batch would pay for its pages every time)."""
+        if x.dtype == torch.float32:
+            return x
+        if self._outputs is None or self._outputs.shape != tuple(x.shape):
+            self._outputs = _HostBatches(tuple(x.shape), np.float32, self.cfg.prefetch_batches + 3)
+        out = torch.from_numpy(self._outputs.get())
+        return out.copy_(x)  # float16/bfloat16 -> float32 is exact
 
     def close(self) -> None:
         """Stop the assembling thread and the DataLoader workers."""

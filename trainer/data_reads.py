@@ -68,20 +68,15 @@ class ChunkReads(Dataset):
     as this one's are under way (``LatentStore.prefetch_chunks``), so a process always has reads in
     flight while it decodes.
 
-    slots: [count, k, C, H, W]. Float32 slots with ``shift`` and ``scale`` (float32, broadcasting to
-    [C, H, W]) receive (z - shift) / scale, the normalizer's float32 ops; slots of the store's dtype
-    receive the stored values unchanged. Each process reads through its own store client."""
+    slots: [count, k, C, H, W] of the store's dtype: each chunk is decoded straight into its slot,
+    the stored values unchanged (the device converts and normalizes). Each process reads through
+    its own store client."""
 
-    def __init__(self, store: LatentStore, slots: torch.Tensor, shift: torch.Tensor | None = None,
-                 scale: torch.Tensor | None = None):
-        if (shift is None) != (scale is None) or (shift is not None and slots.dtype != torch.float32):
-            raise ValueError("ChunkReads: normalization needs both shift and scale, and float32 slots")
-        self.store, self.slots, self.shift, self.scale = store, slots, shift, scale
-        self._stored_dtype = _STORED_TORCH_DTYPE[store.logical_dtype]
-        if slots.dtype not in (self._stored_dtype, torch.float32):
+    def __init__(self, store: LatentStore, slots: torch.Tensor):
+        self.store, self.slots = store, slots
+        if slots.dtype != _STORED_TORCH_DTYPE[store.logical_dtype]:
             raise ValueError(f"ChunkReads: slots of {slots.dtype} for a {store.logical_dtype} store")
         self._pid = os.getpid()
-        self._scratch: torch.Tensor | None = None  # stored-dtype chunk, when the slots are float32
 
     def _store(self) -> LatentStore:
         if self._pid != os.getpid():
@@ -99,24 +94,12 @@ class ChunkReads(Dataset):
         group, ahead = item
         reads = [(int(c), bool(f), int(s)) for c, f, s in group]
         store = self._store()
-        direct = self.slots.dtype == self._stored_dtype
-        if direct:
-            outs = [_numpy_view(self.slots[slot]) for _, _, slot in reads]
-        else:
-            if self._scratch is None:
-                self._scratch = torch.empty(self.slots.shape[1:], dtype=self._stored_dtype)
-            # One scratch for all: each chunk is decoded into it just before it is handed over.
-            outs = [_numpy_view(self._scratch)] * len(reads)
         rows = [0] * len(reads)
-        requests = [(chunk, S.LATENTS_FLIP if flip else S.LATENTS, out) for (chunk, flip, _), out in zip(reads, outs)]
+        requests = [(chunk, S.LATENTS_FLIP if flip else S.LATENTS, _numpy_view(self.slots[slot]))
+                    for chunk, flip, slot in reads]
         ahead = [(int(c), S.LATENTS_FLIP if f else S.LATENTS) for c, f in ahead]
         for pos, got in store.read_chunks_stored(requests, ahead):
-            n, dst = len(got), self.slots[reads[pos][2]]
-            if not direct:
-                dst[:n].copy_(self._scratch[:n])  # to float32, exact; torch's conversion is vectorized, numpy's not
-            if self.shift is not None:
-                dst[:n].sub_(self.shift).div_(self.scale)  # LatentNormalizer.normalize_'s ops, bit for bit
-            rows[pos] = n
+            rows[pos] = len(got)
         return [(chunk, flip, slot, n) for (chunk, flip, slot), n in zip(reads, rows)]
 
 

@@ -28,6 +28,7 @@ from pipeline.store.admin import (
     store_status,
     verify_store,
 )
+from pipeline.store.cache import ChunkCache
 from pipeline.store.layout import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_SAMPLES_PER_SHARD,
@@ -44,6 +45,7 @@ from pipeline.store.writer import StoreWriter, merge_partial_stats, shard_partia
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "DEFAULT_SAMPLES_PER_SHARD",
+    "ChunkCache",
     "IncompleteStoreError",
     "LatentStore",
     "StoreError",

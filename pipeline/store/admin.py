@@ -8,7 +8,9 @@ removed.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -16,6 +18,7 @@ import numpy as np
 
 from pipeline import uri as U
 from pipeline.store.checks import layout_problems
+from pipeline.store.chunks import _check_crc32c, _zstd_content_size
 from pipeline.store.layout import StoreError, from_stored
 from pipeline.store.reader import LatentStore
 from pipeline.store.writer import _sha_array, merge_partial_stats, shard_partial_stats
@@ -211,8 +214,95 @@ def _decode(meta: bytes, name: str, objects: dict[str, bytes], sel) -> np.ndarra
 
     buffer = default_buffer_prototype().buffer
     held = {f"{name}/zarr.json": buffer.from_bytes(meta)}
-    held.update({k: buffer.from_bytes(v) for k, v in objects.items() if k.startswith(f"{name}/c/")})
+    held.update({k: buffer.from_bytes(bytes(v)) for k, v in objects.items() if k.startswith(f"{name}/c/")})
     return np.asarray(zarr.open_array(MemoryStore(held, read_only=True), path=name, mode="r")[sel])
+
+
+def _decode_rows(meta: bytes, name: str, objects: dict[str, bytes], start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a small unsharded array (labels, valid, sample ids, partial statistics)
+    lying in one chunk, decoded from the bytes already read: crc32c, then zstd or none, as zarr
+    would, without zarr's event loop (whose single thread would serialize the verify threads). Any
+    other layout goes through zarr."""
+    m = json.loads(meta)
+    try:
+        names = [c["name"] for c in m["codecs"]]
+        rows = int(m["chunk_grid"]["configuration"]["chunk_shape"][0])
+        chunk_shape = tuple(m["chunk_grid"]["configuration"]["chunk_shape"])
+        plain = (names in (["bytes", "crc32c"], ["bytes", "zstd", "crc32c"])
+                 and m["codecs"][0].get("configuration", {}).get("endian", "little") == "little"
+                 and m["chunk_key_encoding"] == {"name": "default", "configuration": {"separator": "/"}}
+                 and m["chunk_grid"]["name"] == "regular" and chunk_shape[1:] == tuple(m["shape"][1:])
+                 and start % rows == 0 and stop - start <= rows)
+        dtype = np.dtype(m["data_type"]).newbyteorder("<")
+    except (KeyError, TypeError, ValueError, IndexError):
+        plain = False
+    if not plain:
+        return _decode(meta, name, objects, slice(start, stop))
+    key = f"{name}/c/{start // rows}" + "/0" * (len(chunk_shape) - 1)
+    data = objects.get(key)
+    if data is None:  # zarr writes no chunk of fill values only
+        return np.full((stop - start,) + chunk_shape[1:], m["fill_value"], dtype=dtype)
+    _check_crc32c(data, f"object {key}")
+    payload = memoryview(data)[:-4]
+    nbytes = int(np.prod(chunk_shape)) * dtype.itemsize
+    if names[1] == "zstd":
+        if _zstd_content_size(payload) not in (None, nbytes):
+            raise ValueError(f"object {key}: zstd frame declares {_zstd_content_size(payload)} bytes, expected {nbytes}")
+        from numcodecs.zstd import Zstd
+
+        payload = Zstd().decode(payload)
+    if len(payload) != nbytes:
+        raise ValueError(f"object {key}: {len(payload)} bytes, expected {nbytes}")
+    return np.frombuffer(payload, dtype=dtype).reshape(chunk_shape)[:stop - start]
+
+
+_scratch = threading.local()  # per verify thread: buffers reused shard after shard
+
+
+def _reused(slot: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """This thread's array for ``slot``, at least ``shape``: big fresh arrays cost page faults that
+    the threads of one process take one at a time, so the verify threads reuse theirs."""
+    have = getattr(_scratch, slot, None)
+    need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if have is None or have.nbytes < need:
+        have = np.empty(need, dtype=np.uint8)
+        setattr(_scratch, slot, have)
+    return have[:need].view(dtype).reshape(shape)
+
+
+def _read_object(uri: str, key: str, so: dict, slot: int):
+    """An object's bytes: local files into this thread's reused buffer number ``slot`` (a
+    memoryview, valid until the thread reads into that slot again), others as read."""
+    path = U.join(uri, key)
+    if not U.is_local(path):
+        return U.read_bytes(path, so)
+    with U.storage_errors(path, "cannot read", so, passthrough=U.MISSING):
+        with open(path, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            buffer = _reused(f"object{slot}", (size,), np.uint8)
+            view = memoryview(buffer)
+            got = f.readinto(view)
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            return view[:got]
+
+
+def _decode_latents(store: LatentStore, meta: bytes, name: str, objects: dict[str, bytes], shard: int,
+                    rows: int) -> np.ndarray:
+    """The ``rows`` rows of shard ``shard`` of latent array ``name``, decoded from its object's bytes
+    already read: by the fast chunk reader (the crc32c and codecs release the GIL, so verify threads
+    decode side by side), or by zarr for a layout it does not handle."""
+    reader = store._chunk_reader(name)
+    key = reader.object_key(shard) if reader is not None else None
+    if reader is None or key not in objects:
+        start = shard * store.samples_per_shard
+        return _decode(meta, name, objects, slice(start, start + rows))
+    whole = -(-rows // reader.rows) * reader.rows
+    out = _reused("latents:" + name, (whole,) + reader.chunk_shape[1:], reader.dtype.newbyteorder("="))
+    return reader.decode_shard(objects[key], rows, out)
 
 
 @dataclass
@@ -255,9 +345,9 @@ def _verify_shard(store: LatentStore, entry: dict, valid: np.ndarray, metas: dic
 
     objects: dict[str, bytes] = {}
     damaged = False
-    for key, digest in sorted((rec.get("objects") or {}).items()):
+    for slot, (key, digest) in enumerate(sorted((rec.get("objects") or {}).items())):
         try:
-            data = U.read_bytes(U.join(store.uri, key), so)
+            data = _read_object(store.uri, key, so, slot)
         except FileNotFoundError:
             problems.append(f"shard {s}: object {key} is missing")
             damaged = True
@@ -274,12 +364,12 @@ def _verify_shard(store: LatentStore, entry: dict, valid: np.ndarray, metas: dic
     try:
         decoded = []
         for name in arrays:
-            x = _decode(metas[name], name, objects, slice(a, b))
+            x = _decode_latents(store, metas[name], name, objects, s, b - a)
             # float16 and float32 widen to float64 exactly in shard_partial_stats: no float32 copy first.
             x = from_stored(x, store.logical_dtype) if store.logical_dtype == "bfloat16" else x
             decoded.append(x if v.all() else x[v])
         for name in (S.LABELS, S.VALID, S.SAMPLE_IDS):
-            _decode(metas[name], name, objects, slice(a, b))  # crc32c and zstd of the 1-D arrays' chunks
+            _decode_rows(metas[name], name, objects, a, b)  # crc32c and zstd of the 1-D arrays' chunks
     except Exception as e:  # zarr raises codec errors (crc32c, zstd) of several types
         return _ShardCheck(problems + [f"shard {s}: decoding failed ({type(e).__name__}: {e})"])
     if not check_stats:
@@ -289,8 +379,8 @@ def _verify_shard(store: LatentStore, entry: dict, valid: np.ndarray, metas: dic
         problems.append(f"shard {s}: {count} stored values, record says {rec.get('stats_count')}")
     elif count:
         try:
-            pm = _decode(metas[S.PARTIAL_MEAN], S.PARTIAL_MEAN, objects, s)
-            pm2 = _decode(metas[S.PARTIAL_M2], S.PARTIAL_M2, objects, s)
+            pm = _decode_rows(metas[S.PARTIAL_MEAN], S.PARTIAL_MEAN, objects, s, s + 1)[0]
+            pm2 = _decode_rows(metas[S.PARTIAL_M2], S.PARTIAL_M2, objects, s, s + 1)[0]
         except Exception as e:  # as above
             return _ShardCheck(problems + [f"shard {s}: partial statistics unreadable ({type(e).__name__}: {e})"])
         if not (np.array_equal(pm, mean) and np.array_equal(pm2, m2)):
@@ -346,6 +436,9 @@ def verify_store(uri: str, storage_options: dict | None = None, *, check_stats: 
 
     names = list(spec["statistics"]["arrays"]) + [S.LABELS, S.VALID, S.SAMPLE_IDS, S.PARTIAL_MEAN, S.PARTIAL_M2]
     metas = {name: U.read_bytes(U.join(store.uri, name, "zarr.json"), so) for name in names}
+
+    for name in spec["statistics"]["arrays"]:
+        store._chunk_reader(name)  # made once, before the threads share it
 
     def check(entry):
         return _verify_shard(store, entry, valid, metas, check_stats)

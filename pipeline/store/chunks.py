@@ -96,6 +96,7 @@ class _ShardedChunkReader:
         self._fs = self._root = self._zstd = self._blosc = None
         self._thread = threading.local()  # the last read's bytes, valid until this thread's next read
         self._index: dict[int, np.ndarray | None] = {}
+        self.cache = None  # (ChunkCache, store id): chunk bytes kept on local disk (pipeline.store.cache)
 
     @classmethod
     def create(cls, uri: str, name: str, storage_options: dict, meta: dict) -> "_ShardedChunkReader | None":
@@ -217,13 +218,63 @@ class _ShardedChunkReader:
         the caller)."""
         if out is None:
             out = np.empty(self.chunk_shape, dtype=self.dtype.newbyteorder("="))
+        cached = self.cached(chunk)
+        if cached is not None:
+            self._finish(chunk, cached[1], cached[0], out)
+            return out
         where = self.locate(chunk)
         if where is None:
             out[...] = self.fill_value
             return out
         shard, offset, length = where
-        self._finish(chunk, self._read(self.object_key(shard), offset, offset + length), where, out)
+        data = self._read(self.object_key(shard), offset, offset + length)
+        self._finish(chunk, data, where, out)
+        self.keep(chunk, data)
         return out
+
+    def cached(self, chunk: int) -> tuple[tuple[int, int, int], bytes] | None:
+        """(where, bytes) of ``chunk`` from the local chunk cache (crc32c checked), or None."""
+        if self.cache is None:
+            return None
+        cache, store_id = self.cache
+        data = cache.get(store_id, self.name, chunk)
+        return None if data is None else ((chunk // self.chunks_per_shard, 0, len(data)), data)
+
+    def keep(self, chunk: int, data) -> None:
+        """Put a chunk's bytes, read from the store and checked, into the local chunk cache."""
+        if self.cache is not None:
+            cache, store_id = self.cache
+            cache.put(store_id, self.name, chunk, data)
+
+    def decode_shard(self, data, rows: int, out: np.ndarray | None = None) -> np.ndarray:
+        """The first ``rows`` rows of a whole shard object held in memory (``data``: its bytes, as
+        read for its checksum), decoded chunk by chunk with the same checks as :meth:`read` (index
+        and chunk crc32c, sizes); chunks the shard does not hold are the fill value. Runs without
+        the GIL for all but the bookkeeping (crc32c, zstd/blosc and the copies release it), so
+        threads decode shards in parallel; ``out`` (C-contiguous, the stored dtype, at least
+        ``rows`` rounded up to whole chunks) spares the fresh pages of a new array, whose faults
+        threads of one process take one at a time. ValueError names the chunk."""
+        view = memoryview(data)
+        if len(view) < self.index_bytes:
+            raise ValueError(f"shard object is {len(view)} bytes, shorter than its index ({self.index_bytes})")
+        raw = view[len(view) - self.index_bytes:]
+        _check_crc32c(raw, "shard index")
+        index = np.frombuffer(raw, dtype="<u8", count=2 * self.chunks_per_shard).reshape(-1, 2)
+        count = -(-rows // self.rows)
+        if out is None:
+            out = np.empty((count * self.rows,) + self.chunk_shape[1:], dtype=self.dtype.newbyteorder("="))
+        for j in range(count):
+            offset, length = (int(v) for v in index[j])
+            piece = out[j * self.rows:(j + 1) * self.rows]
+            if offset == _EMPTY_CHUNK and length == _EMPTY_CHUNK:
+                piece[...] = self.fill_value
+                continue
+            if offset + length > len(view) - self.index_bytes:
+                raise ValueError(f"chunk {j}: bytes [{offset}, {offset + length}) lie outside the shard object")
+            chunk = view[offset:offset + length]
+            _check_crc32c(chunk, f"chunk {j} of the shard")
+            self.decode(chunk[:-4], piece, f"chunk {j}")
+        return out[:rows]
 
     def decode(self, payload, out: np.ndarray, what: str = "chunk") -> None:
         """Decode one inner chunk's bytes (crc32c already checked and cut off) into ``out`` (the whole

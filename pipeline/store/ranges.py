@@ -53,19 +53,25 @@ async def _ensure_index(reader: _ShardedChunkReader, shard: int) -> None:
         reader._set_index(shard, raw)
 
 
-async def _fetch(reader: _ShardedChunkReader, chunk: int) -> tuple[tuple[int, int, int] | None, bytes | None]:
-    """(where, bytes) of one chunk as read; (None, None) for a chunk the shard does not hold."""
+async def _fetch(reader: _ShardedChunkReader, chunk: int) -> tuple[tuple[int, int, int] | None, bytes | None, bool]:
+    """(where, bytes, False) of one chunk as read; (None, None, False) for a chunk the shard does not hold."""
     await _ensure_index(reader, chunk // reader.chunks_per_shard)
     where = reader.locate(chunk)  # the index is cached: no I/O
     if where is None:
-        return None, None
+        return None, None, False
     shard, offset, length = where
-    return where, await _get(reader, reader.object_key(shard), offset, offset + length)
+    return where, await _get(reader, reader.object_key(shard), offset, offset + length), False
 
 
 def start(reader: _ShardedChunkReader, chunk: int) -> Future:
     """Start reading ``chunk`` (a reader whose ``concurrent`` is True): a future of its
-    (location, bytes), for :func:`read_concurrently`; cancelling it cancels the GETs."""
+    (location, bytes, from the local chunk cache), for :func:`read_concurrently`; cancelling it
+    cancels the GETs. A chunk in the reader's local cache is read at once, no GET."""
+    cached = reader.cached(chunk)
+    if cached is not None:
+        done: Future = Future()
+        done.set_result(cached + (True,))
+        return done
     return asyncio.run_coroutine_threadsafe(_fetch(reader, chunk), reader._filesystem().loop)
 
 
@@ -95,11 +101,13 @@ def read_concurrently(requests: list[tuple[_ShardedChunkReader, int, np.ndarray]
             pos = futures[f]
             reader, chunk, out = requests[pos]
             try:
-                where, data = f.result()
+                where, data, cached = f.result()
                 if where is None:
                     out[...] = reader.fill_value  # zarr does not write a chunk of fill values only
                 else:
                     reader._finish(chunk, data, where, out)
+                    if not cached:
+                        reader.keep(chunk, data)
             except Exception as e:  # I/O (s3fs raises several types), crc32c, codec
                 raise ChunkReadError(pos, e) from e
             yield pos

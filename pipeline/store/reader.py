@@ -68,6 +68,7 @@ class LatentStore:
         self._records: dict[int, dict] = {}
         self._chunk_readers: dict[str, _ShardedChunkReader | None] = {}
         self._ahead: dict[tuple[int, str], Any] = {}  # (chunk, array) -> read started by prefetch_chunks
+        self._cache = None  # pipeline.store.cache.ChunkCache: see use_chunk_cache
 
     @classmethod
     def open(cls, uri: str, storage_options: dict | None = None, *, require_complete: bool = True,
@@ -307,8 +308,19 @@ class LatentStore:
                 warn_slow_path(self.uri, array, meta, f"chunks of {reader.rows} rows in shards of {reader.shard_rows}, "
                                f"the spec says {self.samples_per_chunk} in {self.samples_per_shard}")
                 reader = None
+            if reader is not None and self._cache is not None:
+                reader.cache = (self._cache, self.store_id)
             self._chunk_readers[array] = reader
         return self._chunk_readers[array]
+
+    def use_chunk_cache(self, cache) -> None:
+        """Keep the chunk bytes this object reads in ``cache`` (a :class:`~pipeline.store.cache.ChunkCache`
+        on local disk) and read them from there when present (checked like any read: a corrupt entry
+        is deleted and read from the store). Whole-chunk reads only (the loader's path); None: stop."""
+        self._cache = cache
+        for reader in self._chunk_readers.values():
+            if reader is not None:
+                reader.cache = None if cache is None else (cache, self.store_id)
 
     def _small_array(self, name: str) -> np.ndarray:
         if name not in self._small:

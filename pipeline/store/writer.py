@@ -52,15 +52,42 @@ def _object_bytes(objects: dict, skip: Iterable[str] = ()) -> dict[str, bytes]:
 # statistics
 
 
+_STATS_TILE_BYTES = 2**21  # float64 bytes of all rows of one column tile: stays in a core's cache
+
+
 def shard_partial_stats(decoded: Iterable[np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
     """(count, mean, m2) in float64 over the rows of the given [n, C, H, W] arrays (the valid stored
-    values, decoded back from the storage dtype, all orientations)."""
-    x = np.concatenate([np.asarray(a, dtype=np.float64) for a in decoded], axis=0)
-    if len(x) == 0:
+    values, decoded back from the storage dtype, all orientations).
+
+    By definition ``x = concatenate(arrays).astype(float64)``, ``mean = x.mean(0)``,
+    ``m2 = ((x - mean) ** 2).sum(0)``. numpy reduces over axis 0 row by row for every element, so
+    computing it on column tiles of the flattened elements (all rows of a few hundred elements at
+    a time) gives the same bits while the float64 copy stays within ~2 MiB of cache instead of
+    8 bytes x rows x elements of memory (805 MB for a full shard of 256 rows, both orientations):
+    faster, and threads verifying shards side by side no longer compete for memory bandwidth.
+    """
+    parts = [np.asarray(a) for a in decoded]
+    n = sum(len(a) for a in parts)
+    if n == 0:
         return 0, None, None
-    mean = x.mean(axis=0)
-    m2 = ((x - mean) ** 2).sum(axis=0)
-    return len(x), mean, m2
+    shape = parts[0].shape[1:]
+    flat = [a.reshape(len(a), -1) for a in parts if len(a)]
+    elements = flat[0].shape[1]
+    mean, m2 = np.empty(elements), np.empty(elements)
+    tile = max(1, min(elements, _STATS_TILE_BYTES // (8 * n)))
+    x = np.empty((n, tile))
+    for j in range(0, elements, tile):
+        k = min(tile, elements - j)
+        xt = x[:, :k] if k == tile else np.empty((n, k))
+        row = 0
+        for a in flat:
+            xt[row:row + len(a)] = a[:, j:j + k]  # widened to float64, exactly
+            row += len(a)
+        mean[j:j + k] = xt.mean(axis=0)
+        xt -= mean[j:j + k]
+        np.square(xt, out=xt)
+        m2[j:j + k] = xt.sum(axis=0)
+    return n, mean.reshape(shape), m2.reshape(shape)
 
 
 def merge_partial_stats(parts: Iterable[tuple[int, np.ndarray, np.ndarray]]) -> tuple[int, np.ndarray, np.ndarray]:
