@@ -444,11 +444,9 @@ def verify_store(uri: str, storage_options: dict | None = None, *, check_stats: 
         return _verify_shard(store, entry, valid, metas, check_stats)
 
     workers = default_verify_workers() if workers is None else max(1, int(workers))
-    if workers == 1:
-        results = [check(entry) for entry in spec["shards"]]
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
-            results = list(pool.map(check, spec["shards"]))  # in shard order: a deterministic report
+    # Pool threads also for one worker: their reused buffers (_reused) go with them.
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="verify") as pool:
+        results = list(pool.map(check, spec["shards"]))  # in shard order: a deterministic report
     for r in results:
         problems.extend(r.problems)
     checked = sum(r.has_record for r in results)
