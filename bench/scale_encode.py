@@ -20,14 +20,12 @@ import io
 import json
 import os
 import re
-import subprocess
-import sys
 import threading
 import time
 
 import numpy as np
 
-from bench.drills.tools import REPO, proc_tree
+from bench.drills.tools import json_from_child, proc_tree
 
 STANDIN_CHANNELS, STANDIN_GRID = 8, 4
 NUM_CLASSES = 1000  # as ImageNet-1k: the class listing is the same at every size
@@ -313,12 +311,7 @@ def run_job_in_child(images_root: str, out: str, env: dict, log_path: str, timeo
     driver's process tree), user + system, over the pipeline (read, encode step, write)."""
     code = ("import json, sys; from bench.scale_encode import run_job; "
             f"print(json.dumps(run_job({images_root!r}, {out!r})))")
-    with open(log_path, "ab") as err:
-        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO,
-                              timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the scale encode of {images_root} failed ({proc.returncode}); see {log_path}")
-    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return json_from_child(code, env, log_path, timeout_s, f"the scale encode of {images_root}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,14 +15,11 @@ and the memory both hold (Python allocations traced, numpy's included, and resid
 from __future__ import annotations
 
 import hashlib
-import json
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from bench.drills.tools import REPO
+from bench.drills.tools import json_from_child
 
 META_SAMPLES_PER_SHARD = 12_800
 META_CLASSES = 1000
@@ -114,12 +111,7 @@ def measure_rank(uri: str, world_size: int = WORLD_SIZE, epochs: int = EPOCHS) -
 
 def measure_rank_in_child(uri: str, env: dict, log_path: str, timeout_s: float = 600.0) -> dict:
     code = f"import json; from bench.scale_loader import measure_rank; print(json.dumps(measure_rank({uri!r})))"
-    with open(log_path, "ab") as err:
-        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO,
-                              timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"the loader measurement on {uri} failed ({proc.returncode}); see {log_path}")
-    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    return json_from_child(code, env, log_path, timeout_s, f"the loader measurement on {uri}")
 
 
 __all__ = ["measure_rank", "measure_rank_in_child", "write_metadata_store"]

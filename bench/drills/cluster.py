@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass
 
 from bench.drills.context import ENCODE_ARGS, DrillContext, DrillRecord, drill
-from bench.drills.tools import (REPO, compare_digests, describe_comparison, encode_outcome, log, proc_env,
-                                proc_title, proc_tree, store_digests, wait_until)
+from bench.drills.tools import (REPO, compare_digests, describe_comparison, encode_outcome, kill_titled, log,
+                                proc_env, proc_title, proc_tree, store_digests, wait_until)
 
 HEAD_IP = "127.0.0.1"
 # 127.0.0.1 as a further node must spell it: Ray rewrites the dotted form to the routable address.
@@ -203,12 +203,7 @@ class LocalRayCluster:
                     node.proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     pass
-            for pid, title in tree.items():
-                if title and proc_title(pid) == title:  # still the process it was (not a reused pid)
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+            kill_titled(tree)
             if node.proc.poll() is None:
                 node.proc.kill()
                 node.proc.wait(timeout=10)

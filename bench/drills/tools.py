@@ -76,6 +76,31 @@ def proc_memory_kib(pid: int) -> tuple[int, int] | None:
     return int(rss[1]), int(hwm[1])
 
 
+def kill_titled(tree: dict[int, str], skip: int | None = None, ray_retitled: bool = False) -> None:
+    """SIGKILL every process of ``tree`` ({pid: title when it was ours}) that still shows that title,
+    so a reused pid is never killed; ``ray_retitled``: a ``ray::`` worker showing another ``ray::``
+    title (Ray retitles its workers per task) still counts. ``skip``: a pid left alone."""
+    for pid, title in tree.items():
+        now = proc_title(pid)
+        ours = now == title or (ray_retitled and title.startswith("ray::") and now.startswith("ray::"))
+        if pid != skip and title and ours:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def json_from_child(code: str, env: dict, log_path: str, timeout_s: float, what: str) -> dict:
+    """Run ``python -c code`` in the repository (stderr appended to ``log_path``) and return the
+    JSON of its last stdout line; RuntimeError naming ``what`` and the log when it fails."""
+    with open(log_path, "ab") as err:
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, env=env, cwd=REPO,
+                              timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}); see {log_path}")
+    return json.loads(proc.stdout.decode().strip().splitlines()[-1])
+
+
 def proc_title(pid: int) -> str:
     """The process title (Ray workers set theirs to ``ray::<actor or task>[.<method>]``)."""
     try:
@@ -372,15 +397,7 @@ class RayHost:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 pass
-        for pid, title in tree.items():
-            # Only a process still showing the title it had as part of this cluster (not a reused pid).
-            now = proc_title(pid)
-            ours = now == title or (title.startswith("ray::") and now.startswith("ray::"))
-            if pid != self.proc.pid and title and ours:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        kill_titled(tree, skip=self.proc.pid, ray_retitled=True)
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
